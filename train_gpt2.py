@@ -135,7 +135,7 @@ class GPT(nn.Module):
         logits = self.lm_head(x)  # (B, T, vocab_size)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
     def num_params(self, non_embedding=False):
@@ -477,6 +477,7 @@ def peak_flops(device_type):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train GPT-2 (lecture recipe by default).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.error = lambda message: sys.exit(f"error: {message} (see --help)")  # one line, not the usage text
     a = p.add_argument
     a("--data", default="edu_fineweb10B", help="folder of *_train_*/*_val_*.npy shards, or a text file (90/10 split)")
     a("--model", default="gpt2", help=f"architecture to train from scratch: {', '.join(GPT2_SIZES)}")
@@ -497,7 +498,7 @@ def parse_args(argv=None):
     a("--grad_clip", type=float, default=1.0, help="clip the global grad norm to this (0: no clipping)")
     a("--shuffle", action="store_true", help="permute shards and windows per epoch (default: the lecture's order)")
     a("--eval_every", type=int, default=250, help="val loss every N steps (0: never)")
-    a("--val_steps", type=int, default=20, help="micro-batches per val loss")
+    a("--val_steps", type=int, default=20, help="val micro-batches per process")
     a("--hellaswag_every", type=int, default=250, help="HellaSwag every N steps (0: never)")
     a("--hellaswag_data", help="local HellaSwag val file (jsonl or parquet); default: download once")
     a("--sample_every", type=int, default=250, help="print samples every N steps (0: never)")

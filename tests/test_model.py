@@ -1,0 +1,115 @@
+"""The model is GPT-2: logits equal transformers' GPT-2 on the same weights; init, optimizer and LR as the lecture."""
+import math
+
+import pytest
+import torch
+
+from helpers import save_tiny_hf_gpt2
+from train_gpt2 import GPT, GPTConfig, UserError, get_lr
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("hf_tiny"))
+    save_tiny_hf_gpt2(folder)
+    return folder
+
+
+def test_from_pretrained_matches_transformers_logits(hf_dir):
+    from transformers import GPT2LMHeadModel
+    ours = GPT.from_pretrained(hf_dir).eval()
+    ref = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    assert ours.config == GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)
+    idx = torch.randint(0, 50257, (3, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, loss = ours(idx)
+        ref_logits = ref(idx).logits
+    assert loss is None
+    assert logits.shape == ref_logits.shape == (3, 64, 50257)
+    assert (logits - ref_logits).abs().max().item() < 1e-5
+    # the loss is the mean next-token cross-entropy, as transformers computes it with labels
+    with torch.no_grad():
+        _, loss = ours(idx[:, :-1], idx[:, 1:])
+        ref_loss = ref(idx, labels=idx).loss
+    assert abs(loss.item() - ref_loss.item()) < 1e-5
+
+
+def test_from_pretrained_refuses_other_layouts(tmp_path):
+    save_tiny_hf_gpt2(str(tmp_path / "cross"), add_cross_attention=True)  # extra crossattention weights
+    with pytest.raises(UserError, match="does not match GPT-2's layout"):
+        GPT.from_pretrained(str(tmp_path / "cross"))
+    save_tiny_hf_gpt2(str(tmp_path / "relu"), activation_function="relu")
+    with pytest.raises(UserError, match="not a GPT-2 architecture"):
+        GPT.from_pretrained(str(tmp_path / "relu"))
+    with pytest.raises(UserError, match="unknown model 'gpt5'"):
+        GPT.from_pretrained("gpt5")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="cannot load"):
+        GPT.from_pretrained(str(tmp_path / "empty"))
+
+
+def test_from_pretrained_refuses_a_wrong_shape(hf_dir, tmp_path):
+    import safetensors.torch
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(hf_dir, bad)
+    weights = safetensors.torch.load_file(str(bad / "model.safetensors"))
+    weights["transformer.h.0.mlp.c_fc.weight"] = weights["transformer.h.0.mlp.c_fc.weight"][:, :100].contiguous()
+    safetensors.torch.save_file(weights, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserError):
+        GPT.from_pretrained(str(bad))
+
+
+def test_124m_parameter_count_and_flops():
+    model = GPT(GPTConfig(vocab_size=50304))
+    assert model.num_params() == 124_475_904
+    assert model.transformer.wte.weight is model.lm_head.weight  # tied
+    # SPEC: 6N + 12 L d T with N without wpe = 855 MFLOP per token at T=1024
+    assert round(model.flops_per_token(1024) / 1e6) == 855
+
+
+def test_init_statistics():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=12, n_head=12, n_embd=768, vocab_size=50304))
+    residual_std = 0.02 * (2 * 12) ** -0.5
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            assert p.abs().max().item() == 0, name
+        elif ".ln_" in name or "ln_f" in name:
+            assert torch.all(p == 1), name
+        else:
+            expected = residual_std if name.endswith("c_proj.weight") else 0.02
+            assert abs(p.std().item() - expected) / expected < 0.02, (name, p.std().item(), expected)
+            assert abs(p.mean().item()) < 1e-3, name
+
+
+def test_optimizer_groups():
+    model = GPT(GPTConfig(vocab_size=50304))
+    opt = model.configure_optimizers(weight_decay=0.1, learning_rate=6e-4, device_type="cpu")
+    decay, no_decay = opt.param_groups
+    assert (len(decay["params"]), len(no_decay["params"])) == (50, 98)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params()
+    assert decay["betas"] == (0.9, 0.95) and decay["eps"] == 1e-8 and decay["lr"] == 6e-4
+    assert not decay["fused"]  # fused is the CUDA kernel
+
+
+def test_lr_schedule():
+    lr = lambda step: get_lr(step, 6e-4, 6e-5, 715, 19073)  # noqa: E731
+    assert lr(0) == pytest.approx(6e-4 / 715)
+    assert lr(714) == pytest.approx(6e-4)
+    assert lr(715) == pytest.approx(6e-4)
+    assert lr(715 + (19073 - 715) // 2) == pytest.approx(6e-5 + 0.5 * (6e-4 - 6e-5), rel=1e-4)
+    last = lr(19072)
+    assert 6e-5 < last < 6e-5 * 1.0001
+    assert lr(19073) == pytest.approx(6e-5) and lr(30000) == 6e-5
+    steps = [lr(s) for s in range(715, 19073)]
+    assert all(a >= b for a, b in zip(steps, steps[1:]))  # monotone decay
+    assert math.isclose(lr(100), 6e-4 * 101 / 715)
+
+
+def test_forward_refuses_too_long_input():
+    model = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8))
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 9, dtype=torch.long))

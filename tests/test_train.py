@@ -1,0 +1,196 @@
+"""The training loop end to end, as subprocesses: learning, DDP parity, exact resume, compile, bad input."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import ROOT, TINY, read_log, run_script, train, write_shards
+
+# a tiny model on input.txt: about 0.1 s per step on 2 cores
+FAST = ["--data", "input.txt", *TINY, "--batch_size", "4", "--seq_len", "32", "--total_batch_size", "256",
+        "--hellaswag_every", "0", "--sample_every", "0", "--warmup_steps", "5", "--max_lr", "1e-2"]
+
+
+def records(log_dir, kind=None):
+    return [(int(s), k, float(v)) for s, k, v in read_log(log_dir) if kind in (None, k)]
+
+
+def ok(result):
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def test_tiny_model_learns_and_samples(tmp_path):
+    log_dir = str(tmp_path / "log")
+    r = ok(train(FAST + ["--max_steps", "120", "--eval_every", "60", "--val_steps", "4", "--sample_every", "60",
+                         "--checkpoint_every", "0", "--log_dir", log_dir]))
+    val = records(log_dir, "val")
+    assert [s for s, _, _ in val] == [0, 60, 120]
+    assert val[0][2] > 10.5  # ln(50257) = 10.8: a random model
+    assert val[-1][2] < 8.0, val  # 3 nats better than chance: it learned the statistics of the text
+    assert [s for s, _, _ in records(log_dir, "train")] == list(range(120))
+    # 4 samples at step 60 and 4 at the end, each starting with the prompt
+    samples = [line for line in r.stdout.splitlines() if line.startswith("rank 0 sample ")]
+    assert len(samples) == 8 and all("Hello, I'm a language model," in s for s in samples)
+    # the final checkpoint holds plain values only
+    ckpt = torch.load(os.path.join(log_dir, "model_00120.pt"), weights_only=True)
+    assert ckpt["step"] == 120 and ckpt["config"] == {"block_size": 64, "vocab_size": 50304, "n_layer": 2,
+                                                        "n_head": 2, "n_embd": 32}
+    assert set(ckpt) >= {"model", "optimizer", "loader", "rng", "config", "step"}
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
+    assert "step   119 | loss" in r.stdout and "tok/sec" in r.stdout and "eta" in r.stdout
+
+
+def test_two_ddp_ranks_equal_one_process(tmp_path):
+    # the same 512-token steps: 1 x 8 rows x 2 micro-steps, or 2 ranks x 4 rows x 2 micro-steps; val reads
+    # --val_steps micro-batches on every rank, so B * world must match too for the val records to
+    args = FAST + ["--total_batch_size", "512", "--max_steps", "6", "--eval_every", "3", "--val_steps", "2",
+                   "--checkpoint_every", "0"]
+    ok(train(args + ["--batch_size", "8", "--log_dir", str(tmp_path / "one")]))
+    ok(run_script([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                   "train_gpt2.py", *args, "--batch_size", "4", "--log_dir", str(tmp_path / "two")]))
+    one, two = records(str(tmp_path / "one")), records(str(tmp_path / "two"))
+    assert [r[:2] for r in one] == [r[:2] for r in two] and len(one) == 6 + 3
+    for a, b in zip(one, two):
+        assert abs(a[2] - b[2]) < 1e-5, (a, b)
+    w1 = torch.load(str(tmp_path / "one" / "model_00006.pt"), weights_only=True)["model"]
+    w2 = torch.load(str(tmp_path / "two" / "model_00006.pt"), weights_only=True)["model"]
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
+
+
+RESUME = FAST + ["--max_steps", "24", "--eval_every", "4", "--val_steps", "2", "--checkpoint_every", "6",
+                 "--sample_every", "8"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    log_dir = str(tmp_path_factory.mktemp("full") / "log")
+    ok(train(RESUME + ["--log_dir", log_dir]))
+    return log_dir
+
+
+def assert_same_run(a, b):
+    with open(os.path.join(a, "log.txt")) as fa, open(os.path.join(b, "log.txt")) as fb:
+        assert fa.read() == fb.read()  # every record, to the last digit
+    wa = torch.load(os.path.join(a, "model_00024.pt"), weights_only=True)
+    wb = torch.load(os.path.join(b, "model_00024.pt"), weights_only=True)
+    assert all(torch.equal(wa["model"][k], wb["model"][k]) for k in wa["model"])
+    assert wa["loader"] == wb["loader"]
+
+
+def test_resume_after_a_kill_equals_the_uninterrupted_run(tmp_path, uninterrupted):
+    log_dir = str(tmp_path / "log")
+    proc = subprocess.Popen([sys.executable, "train_gpt2.py", *RESUME, "--log_dir", log_dir], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not os.path.exists(os.path.join(log_dir, "model_00012.pt")) and proc.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(log_dir, "model_00024.pt"))
+    r = ok(train(RESUME + ["--log_dir", log_dir, "--resume", "auto"]))
+    assert "resuming from" in r.stdout
+    assert_same_run(uninterrupted, log_dir)
+
+
+def test_resume_from_a_path_and_past_a_corrupt_checkpoint(tmp_path, uninterrupted):
+    log_dir = str(tmp_path / "log")
+    shutil.copytree(uninterrupted, log_dir)
+    # explicit path: back to step 12, the later records are redone, not doubled
+    ok(train(RESUME + ["--log_dir", log_dir, "--resume", os.path.join(log_dir, "model_00012.pt")]))
+    assert_same_run(uninterrupted, log_dir)
+    # auto skips a truncated newest checkpoint with a warning and takes the one before
+    final = os.path.join(log_dir, "model_00024.pt")
+    with open(final, "r+b") as f:
+        f.truncate(os.path.getsize(final) // 2)
+    r = ok(train(RESUME + ["--log_dir", log_dir, "--resume", "auto"]))
+    assert "warning: skipping checkpoint" in r.stdout and "resuming from" in r.stdout and "model_00018.pt" in r.stdout
+    assert_same_run(uninterrupted, log_dir)
+
+
+def test_compiled_model_trains_evaluates_and_samples(tmp_path):
+    log_dir = str(tmp_path / "log")
+    r = ok(train(FAST + ["--compile", "on", "--max_steps", "4", "--eval_every", "2", "--val_steps", "2",
+                         "--sample_every", "2", "--checkpoint_every", "2", "--log_dir", log_dir]))
+    assert [(s, k) for s, k, _ in records(log_dir)] == [
+        (0, "val"), (0, "train"), (1, "train"), (2, "val"), (2, "train"), (3, "train"), (4, "val")]
+    assert r.stdout.count("rank 0 sample") == 8
+    ckpt = torch.load(os.path.join(log_dir, "model_00004.pt"), weights_only=True)
+    assert not any("_orig_mod" in k for k in ckpt["model"])
+
+
+def test_a_log_dir_with_a_run_is_not_overwritten_by_accident(tmp_path, uninterrupted):
+    log_dir = str(tmp_path / "log")
+    shutil.copytree(uninterrupted, log_dir)
+    before = open(os.path.join(log_dir, "log.txt")).read()
+    r = train(RESUME + ["--log_dir", log_dir])
+    assert r.returncode == 1 and "--resume auto" in r.stderr and "--overwrite" in r.stderr
+    assert open(os.path.join(log_dir, "log.txt")).read() == before
+    assert len(os.listdir(log_dir)) == len(os.listdir(uninterrupted))
+    ok(train(FAST + ["--max_steps", "2", "--eval_every", "0", "--checkpoint_every", "0", "--log_dir", log_dir,
+                     "--overwrite"]))
+    assert [(s, k) for s, k, _ in records(log_dir)] == [(0, "train"), (1, "train")]
+    assert sorted(os.listdir(log_dir)) == ["log.txt", "model_00002.pt"]
+
+
+# -- bad input: one line on stderr, exit status 1 or 2, no traceback ----------------------------------------
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, uninterrupted):
+    d = tmp_path_factory.mktemp("bad")
+    write_shards(str(d / "int32"), {"val": [5000], "train": [5000]}, dtype=np.int32)
+    write_shards(str(d / "short"), {"val": [50], "train": [50]})
+    (d / "empty").mkdir()
+    (d / "binary.txt").write_bytes(b"\xff\xfe\x00\x81" * 100)
+    good = os.path.join(uninterrupted, "model_00012.pt")
+    with open(good, "rb") as f:
+        data = f.read()
+    (d / "truncated.pt").write_bytes(data[:len(data) // 3])
+    (d / "notours.pt").write_bytes(b"")
+    torch.save({"weights": torch.zeros(2)}, str(d / "foreign.pt"))
+    return d, good
+
+
+BAD = [
+    (["--data", "{d}/missing"], "python fineweb.py"),
+    (["--data", "{d}/empty"], "no *_train_*.npy shards"),
+    (["--data", "{d}/int32"], "uint16"),
+    (["--data", "{d}/short"], "too few for one micro-batch"),
+    (["--data", "{d}/binary.txt"], "cannot read text file"),
+    (["--total_batch_size", "1000"], "try --total_batch_size 1024 or 896"),
+    (["--batch_size", "3"], "not divisible"),
+    (["--model", "gpt5"], "unknown --model 'gpt5'"),
+    (["--init_from", "gpt5"], "unknown model 'gpt5'"),
+    (["--resume", "{d}/missing.pt"], "does not exist"),
+    (["--resume", "{d}/truncated.pt"], "truncated or corrupt"),
+    (["--resume", "{d}/notours.pt"], "truncated or corrupt"),
+    (["--resume", "{d}/foreign.pt"], "not a checkpoint of train_gpt2.py"),
+    (["--resume", "{good}", "--n_embd", "64"], "is for model"),
+    (["--resume", "{good}", "--seq_len", "16"], "--seq_len"),
+    (["--seq_len", "128"], "exceeds the model's block_size"),
+    (["--dtype", "fp16"], "needs a CUDA GPU"),
+    (["--device", "cuda"], "no CUDA GPU"),
+    (["--max_steps", "-3"], "--max_steps must be positive"),
+    (["--n_head", "3"], "not divisible by --n_head"),
+    (["--compile", "maybe"], "argument --compile: invalid choice"),
+    (["--batch_size", "x"], "argument --batch_size: invalid int value"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD, ids=[m for _, m in BAD])
+def test_bad_input_is_one_line(tmp_path, bad_inputs, extra, message):
+    d, good = bad_inputs
+    extra = [a.format(d=d, good=good) for a in extra]
+    r = train(FAST + ["--max_steps", "2", "--log_dir", str(tmp_path / "log")] + extra, timeout=120)
+    assert r.returncode in (1, 2), r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert message in lines[0]
+    assert "Traceback" not in r.stdout + r.stderr
