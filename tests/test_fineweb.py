@@ -1,0 +1,447 @@
+"""fineweb.py, offline: local corpora in the FineWeb-Edu schema stand in for the hub.
+
+The reference for every run is the lecture's definition: the concatenation of all shards (val first,
+then train in order) equals the concatenation of [50256] + encode_ordinary(text) per document.
+"""
+import errno
+import glob
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import tiktoken
+
+import fineweb
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "fineweb.py")
+SHARD = 10_000  # small shards: a run crosses many boundaries, and the long document spans several
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+def make_documents():
+    """Varied documents: empty, missing, whitespace, unicode, emoji, a literal <|endoftext|>, very long."""
+    rng = random.Random(1234)
+    words = ["the", "education", "of", "a", "model", "naïve", "café", "Ελληνικά", "日本語", "עברית",
+             "🙂", "🚀", "👩‍👩‍👧‍👦", "🇩🇪", "tokens", "1024", "  ", "\n", "\t", "GPT-2", "don't", "ﬁ", "x̧"]
+    docs = ["", None, "   \n\t  ", "before <|endoftext|> after", "Hello world", "🙂" * 50,
+            " ".join(rng.choice(words) for _ in range(30_000))]  # ~40k tokens: spans several shards
+    docs += [" ".join(rng.choice(words) for _ in range(rng.randint(0, 300))) for _ in range(1200)]
+    docs.insert(600, "")  # an empty document in the middle, too
+    return docs
+
+
+def write_parquet(path, docs, first_id=0):
+    n = len(docs)
+    pq.write_table(pa.table({
+        "text": pa.array(docs, pa.string()), "id": [f"<urn:uuid:{first_id + i}>" for i in range(n)],
+        "dump": ["CC-MAIN-2024-10"] * n, "url": [f"https://example.org/{first_id + i}" for i in range(n)],
+        "token_count": pa.array([len(d or "") // 4 for d in docs], pa.int64()),
+        "score": pa.array([2.5 + (i % 7) / 3 for i in range(n)], pa.float64())}), path, row_group_size=300)
+
+
+def reference_tokens(docs):
+    enc = tiktoken.get_encoding("gpt2")
+    out = []
+    for text in docs:
+        out.append(50256)
+        out.extend(enc.encode_ordinary(text or ""))  # a missing text counts as an empty document
+    return np.array(out, np.uint16)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Two parquet files (their order matters) and the reference tokens."""
+    folder = tmp_path_factory.mktemp("corpus")
+    docs = make_documents()
+    write_parquet(folder / "part_0.parquet", docs[:700])
+    write_parquet(folder / "part_1.parquet", docs[700:], first_id=700)
+    return {"files": [str(folder / "part_*.parquet")], "docs": docs, "tokens": reference_tokens(docs)}
+
+
+def run(corpus, out_dir, *extra):
+    """fineweb.main in this process on the corpus; returns its exit code."""
+    return fineweb.main(["--local_files", *corpus["files"], "--out_dir", str(out_dir),
+                         "--shard_size", str(SHARD), *extra])
+
+
+def run_script(args, timeout=120):
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def reference_run(corpus, tmp_path_factory):
+    """An uninterrupted run with the default settings: what every resumed run must reproduce."""
+    out = tmp_path_factory.mktemp("reference")
+    assert run(corpus, out, "--workers", "2") == 0
+    return out
+
+
+def shard_files(out_dir):
+    """Shards in training order: val first, then train."""
+    return sorted(glob.glob(os.path.join(out_dir, "*_val_*.npy"))) + sorted(glob.glob(os.path.join(out_dir, "*_train_*.npy")))
+
+
+def all_tokens(out_dir):
+    return np.concatenate([np.load(f) for f in shard_files(out_dir)])
+
+
+def folder_bytes(out_dir):
+    """Every file of a folder by name; the manifest without the dataset positions it records."""
+    files = {}
+    for path in sorted(glob.glob(os.path.join(out_dir, "*"))):
+        with open(path, "rb") as f:
+            files[os.path.basename(path)] = f.read()
+    manifest = json.loads(files.pop("manifest.json"))
+    for entry in manifest["shards"]:
+        entry.pop("resume")
+    return files, manifest
+
+
+def one_error_line(text):
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: "), text
+    assert "Traceback" not in text, text
+    return lines[-1]
+
+
+# ----------------------------------------------------------------------------- output
+
+def test_shards_equal_reference(corpus, reference_run):
+    got = all_tokens(reference_run)
+    assert got.dtype == np.uint16
+    np.testing.assert_array_equal(got, corpus["tokens"])
+    files = [os.path.basename(f) for f in shard_files(reference_run)]
+    n = len(files)
+    assert n == -(-len(corpus["tokens"]) // SHARD) and n > 10
+    assert files == ["edufineweb_val_000000.npy"] + [f"edufineweb_train_{i:06d}.npy" for i in range(1, n)]
+    sizes = [len(np.load(f)) for f in shard_files(reference_run)]
+    assert sizes[:-1] == [SHARD] * (n - 1)
+    assert sizes[-1] == len(corpus["tokens"]) - SHARD * (n - 1)  # the last shard holds the remainder
+    manifest = json.load(open(reference_run / "manifest.json"))
+    assert manifest["complete"] and [e["tokens"] for e in manifest["shards"]] == sizes
+    assert manifest["shards"][-1]["end"][0] == len(corpus["docs"]) - 1
+    assert not glob.glob(os.path.join(reference_run, "*.tmp"))
+
+
+@pytest.mark.parametrize("workers,batch_docs", [(1, 512), (3, 7)])
+def test_workers_and_batches_do_not_change_the_output(corpus, reference_run, tmp_path, workers, batch_docs):
+    assert run(corpus, tmp_path, "--workers", str(workers), "--batch_docs", str(batch_docs)) == 0
+    assert folder_bytes(tmp_path) == folder_bytes(reference_run)
+
+
+def test_jsonl_files(corpus, tmp_path):
+    docs = corpus["docs"][:300]
+    with open(tmp_path / "docs.jsonl", "w", encoding="utf-8") as f:
+        for i, text in enumerate(docs):
+            f.write(json.dumps({"id": i, "text": text}, ensure_ascii=bool(i % 2)) + "\n")
+    assert fineweb.main(["--local_files", str(tmp_path / "*.jsonl"), "--out_dir", str(tmp_path / "out"),
+                         "--shard_size", "5000", "--workers", "2"]) == 0
+    np.testing.assert_array_equal(all_tokens(tmp_path / "out"), reference_tokens(docs))
+
+
+def test_max_tokens_then_extend(corpus, reference_run, tmp_path, capsys):
+    assert run(corpus, tmp_path, "--max_tokens", "25e3") == 0
+    np.testing.assert_array_equal(all_tokens(tmp_path), corpus["tokens"][:25_000])
+    assert [len(np.load(f)) for f in shard_files(tmp_path)] == [SHARD, SHARD, 5_000]
+    # the same command again: nothing to do, nothing rewritten
+    stamps = {f: os.stat(f).st_mtime_ns for f in shard_files(tmp_path)}
+    capsys.readouterr()
+    assert run(corpus, tmp_path, "--max_tokens", "25000") == 0
+    assert "already complete" in capsys.readouterr().out
+    assert {f: os.stat(f).st_mtime_ns for f in shard_files(tmp_path)} == stamps
+    # asking for fewer tokens than the folder holds is refused, and touches nothing
+    with pytest.raises(SystemExit) as e:
+        run(corpus, tmp_path, "--max_tokens", "15000")
+    assert "more than --max_tokens" in str(e.value.code)
+    assert {f: os.stat(f).st_mtime_ns for f in shard_files(tmp_path)} == stamps
+    # no limit: the remainder shard grows into the full run
+    assert run(corpus, tmp_path) == 0
+    assert folder_bytes(tmp_path) == folder_bytes(reference_run)
+
+
+def test_verify(corpus, reference_run, tmp_path, capsys):
+    assert fineweb.main(["--verify", "--out_dir", str(reference_run)]) == 0
+    assert capsys.readouterr().out.startswith("ok: ")
+    assert run(corpus, tmp_path) == 0
+    victim = shard_files(tmp_path)[3]
+    arr = np.load(victim)
+    arr[123] = (int(arr[123]) + 1) % 50000
+    np.save(victim, arr)
+    stray = tmp_path / "edufineweb_train_000999.npy"
+    np.save(stray, arr)
+    with pytest.raises(SystemExit) as e:
+        fineweb.main(["--verify", "--out_dir", str(tmp_path)])
+    assert e.value.code == "error: 2 problem(s) in " + str(tmp_path)
+    err = capsys.readouterr().err
+    assert os.path.basename(victim) + ": checksum differs" in err
+    assert "edufineweb_train_000999.npy: not in the manifest" in err
+    # a rerun rewrites from the damaged shard on, to the same bytes as before
+    assert run(corpus, tmp_path) == 0
+    assert "rewriting from this shard on" in capsys.readouterr().err
+    assert folder_bytes(tmp_path) == folder_bytes(reference_run)
+
+
+def test_verify_counts_documents(corpus, reference_run, tmp_path):
+    """A shard whose contents disagree with the document range in the manifest fails --verify."""
+    assert run(corpus, tmp_path, "--max_tokens", "20000") == 0
+    manifest = json.load(open(tmp_path / "manifest.json"))
+    manifest["shards"][1]["end"][0] += 1  # one document more than the shard holds
+    json.dump(manifest, open(tmp_path / "manifest.json", "w"))
+    with pytest.raises(SystemExit):
+        fineweb.main(["--verify", "--out_dir", str(tmp_path)])
+
+
+# ----------------------------------------------------------------------------- interruption
+
+KILLER = """
+import os, signal, sys, time
+sys.path.insert(0, {root!r})
+import numpy as np
+import fineweb
+
+mode, n = sys.argv[1], int(sys.argv[2])
+calls = [0]
+
+def die():
+    os.killpg(0, signal.SIGKILL)  # the whole process group: main process and workers
+
+save, save_manifest, write = np.save, fineweb.save_manifest, fineweb.ShardWriter.write
+
+def partial_save(f, arr):  # killed in the middle of writing shard n
+    calls[0] += 1
+    if calls[0] == n:
+        f.write(b"\\x93NUMPY partial")
+        f.flush()
+        die()
+    save(f, arr)
+
+def late_manifest(out_dir, manifest):  # killed after shard n got its final name, before the manifest
+    calls[0] += 1
+    if calls[0] == n + 1:  # one save when the run starts, then one per finished shard
+        die()
+    save_manifest(out_dir, manifest)
+
+def stall(self, tokens, entry):  # shard n on disk, then stop so the test can kill from outside
+    write(self, tokens, entry)
+    calls[0] += 1
+    if calls[0] == n:
+        open(os.environ["READY_FILE"], "w").close()
+        time.sleep(60)
+
+if mode == "mid_write":
+    np.save = partial_save
+elif mode == "before_manifest":
+    fineweb.save_manifest = late_manifest
+else:
+    fineweb.ShardWriter.write = stall
+sys.exit(fineweb.main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("mode,n", [("mid_write", 3), ("before_manifest", 40), ("external", 25)])
+def test_kill_and_resume(corpus, reference_run, tmp_path, mode, n):
+    """SIGKILL mid-run (inside the write of shard n, between shard n and its manifest entry, or from
+    outside while workers run), then rerun: the same folder as an uninterrupted run. Shard 3 lies
+    inside the long document; shards 25 and 40 end in later batches, so the rerun restores the
+    dataset position instead of reading from the start."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(KILLER.format(root=ROOT))
+    out = tmp_path / "out"
+    args = ["--local_files", *corpus["files"], "--out_dir", str(out), "--shard_size", str(SHARD),
+            "--workers", "2", "--batch_docs", "64"]
+    env = dict(os.environ, READY_FILE=str(tmp_path / "ready"))
+    proc = subprocess.Popen([sys.executable, str(driver), mode, str(n), *args], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if mode == "external":
+        deadline = time.time() + 60
+        while not os.path.exists(env["READY_FILE"]) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert os.path.exists(env["READY_FILE"]), proc.stderr.read().decode()
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
+    # what the kill left: whole shards under final names, never a partial one
+    finished = shard_files(out)
+    assert n - 1 <= len(finished) <= n + 1 < len(shard_files(reference_run))
+    for f in finished:
+        assert np.load(f).shape == (SHARD,)
+    kept = json.load(open(out / "manifest.json"))["shards"]
+    if mode == "mid_write":
+        assert os.path.exists(str(out / fineweb.shard_name("edufineweb", n - 1)) + ".tmp")
+        assert len(finished) == len(kept) == n - 1
+    else:
+        assert kept[-1]["resume"]["state"] is not None
+    if mode == "before_manifest":
+        assert len(kept) == len(finished) - 1 == n - 1
+
+    result = run_script(args)
+    assert result.returncode == 0, result.stderr
+    assert "cannot restore the dataset position" not in result.stderr
+    assert folder_bytes(out) == folder_bytes(reference_run)
+
+
+def test_resume_restores_the_dataset_position(corpus, reference_run):
+    """A resume starts reading at the recorded dataset state, not at document 0."""
+    manifest = json.load(open(reference_run / "manifest.json"))
+    entry = manifest["shards"][-2]  # in the last batch of 512 documents
+    assert entry["resume"]["doc"] > 0 and entry["resume"]["state"] is not None
+    ds = fineweb.open_source(fineweb.describe_source(fineweb.parse_args(["--local_files", *corpus["files"]])))
+    first_doc, resume, column = next(fineweb.read_batches(ds, 512, entry["end"][0], entry["resume"]))
+    assert resume == entry["resume"] and first_doc == entry["end"][0]
+    assert column.to_pylist()[:3] == corpus["docs"][first_doc:first_doc + 3]
+
+
+def test_full_disk(corpus, reference_run, tmp_path, monkeypatch):
+    """ENOSPC while writing shard 2: one-line error, shards 0-1 intact, no partial file; a rerun finishes."""
+    real_save, calls = np.save, []
+
+    def full_disk(f, arr, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            f.write(b"\x93NUMPY half a shard")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_save(f, arr, **kw)
+
+    monkeypatch.setattr(np, "save", full_disk)
+    with pytest.raises(SystemExit) as e:
+        run(corpus, tmp_path)
+    monkeypatch.undo()
+    msg = str(e.value.code)
+    assert msg == f"error: cannot write {tmp_path / 'edufineweb_train_000002.npy'}: No space left on device"
+    assert [os.path.basename(f) for f in shard_files(tmp_path)] == ["edufineweb_val_000000.npy", "edufineweb_train_000001.npy"]
+    assert sorted(os.listdir(tmp_path)) == ["edufineweb_train_000001.npy", "edufineweb_val_000000.npy", "manifest.json"]
+    assert fineweb.main(["--verify", "--out_dir", str(tmp_path)]) == 0
+    assert run(corpus, tmp_path) == 0
+    assert folder_bytes(tmp_path) == folder_bytes(reference_run)
+
+
+# ----------------------------------------------------------------------------- spawn, options
+
+def test_spawn_start_method(corpus, reference_run, tmp_path):
+    result = run_script(["--local_files", *corpus["files"], "--out_dir", str(tmp_path), "--shard_size", str(SHARD),
+                         "--workers", "2", "--start_method", "spawn"])
+    assert result.returncode == 0, result.stderr
+    assert "done: " in result.stdout
+    assert folder_bytes(tmp_path) == folder_bytes(reference_run)
+
+
+def test_help_lists_the_options():
+    result = run_script(["--help"])
+    assert result.returncode == 0
+    for option in ["--remote_name", "--dataset", "--out_dir", "--shard_size", "--workers", "--local_files",
+                   "--max_tokens", "--verify"]:
+        assert option in result.stdout
+
+
+@pytest.mark.parametrize("argv,out_dir", [
+    ([], "edu_fineweb10B"),
+    (["--remote_name", "sample-100BT"], "edu_fineweb100B"),
+    (["--dataset", "fineweb", "--remote_name", "sample-350BT"], "fineweb350B"),
+    (["--remote_name", "CC-MAIN-2024-10"], "edu_fineweb_CC-MAIN-2024-10"),
+    (["--local_files", "x.parquet"], "fineweb_local"),
+    (["--out_dir", "mine"], "mine"),
+])
+def test_default_out_dir(argv, out_dir):
+    assert fineweb.parse_args(argv).out_dir == out_dir
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("argv,words", [
+    (["--dataset", "c4"], "unknown --dataset 'c4'"),
+    (["--remote_name", "sample-banana"], "unknown --remote_name 'sample-banana'"),
+    (["--shard_size", "1.5"], "--shard_size"),
+    (["--max_tokens", "0"], "--max_tokens"),
+])
+def test_bad_arguments(argv, words, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        fineweb.main(argv)
+    assert e.value.code == 2
+    assert words in one_error_line(capsys.readouterr().err)
+    assert os.listdir(tmp_path) == []  # rejected before anything is written or fetched
+
+
+def hub_reachable():
+    try:
+        socket.getaddrinfo("huggingface.co", 443)
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(hub_reachable(), reason="the HF hub is reachable here; this checks the offline error")
+@pytest.mark.parametrize("dataset,name", [("fineweb-edu", "HuggingFaceFW/fineweb-edu"), ("fineweb", "HuggingFaceFW/fineweb")])
+def test_unreachable_hub(tmp_path, monkeypatch, dataset, name):
+    """The real download path, up to the network call: it fails in one line and writes nothing."""
+    import huggingface_hub.utils._http as http
+    monkeypatch.setattr(http.time, "sleep", lambda s: None)  # skip the retry back-off
+    with pytest.raises(SystemExit) as e:
+        fineweb.main(["--dataset", dataset, "--out_dir", str(tmp_path / "out")])
+    msg = str(e.value.code)
+    assert msg.startswith(f"error: cannot open {name} (sample-10BT): ") and "\n" not in msg
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_missing_text_column_script(tmp_path):
+    """As a user sees it: one line on stderr, exit 1, no traceback, no output folder."""
+    pq.write_table(pa.table({"body": ["a", "b"], "id": ["1", "2"]}), tmp_path / "bad.parquet")
+    result = run_script(["--local_files", str(tmp_path / "bad.parquet"), "--out_dir", str(tmp_path / "out")])
+    assert result.returncode == 1
+    assert one_error_line(result.stderr) == f"error: {tmp_path / 'bad.parquet'} has no 'text' column (columns: body, id)"
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_missing_text_column_jsonl(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"content": "x"}\n')
+    with pytest.raises(SystemExit) as e:
+        fineweb.main(["--local_files", str(tmp_path / "bad.jsonl"), "--out_dir", str(tmp_path / "out")])
+    assert "has no 'text' column" in str(e.value.code)
+
+
+def test_text_column_not_strings(tmp_path):
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")
+    with pytest.raises(SystemExit) as e:
+        fineweb.main(["--local_files", str(tmp_path / "ints.parquet"), "--out_dir", str(tmp_path / "out")])
+    assert "column 'text' holds int64" in str(e.value.code)
+
+
+def test_no_matching_files(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        fineweb.main(["--local_files", str(tmp_path / "*.parquet"), "--out_dir", str(tmp_path / "out")])
+    assert str(e.value.code) == f"error: no file matches {tmp_path / '*.parquet'}"
+
+
+def test_unwritable_out_dir(corpus, tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(SystemExit) as e:
+        run(corpus, tmp_path / "a_file" / "shards")
+    assert str(e.value.code).startswith(f"error: cannot create the output folder {tmp_path / 'a_file' / 'shards'}: ")
+    assert (tmp_path / "a_file").read_text() == "not a folder"
+
+
+def test_foreign_shards_are_left_alone(corpus, tmp_path):
+    np.save(tmp_path / "edufineweb_val_000000.npy", np.arange(10, dtype=np.uint16))
+    with pytest.raises(SystemExit) as e:
+        run(corpus, tmp_path)
+    assert "no manifest.json" in str(e.value.code)
+    assert os.listdir(tmp_path) == ["edufineweb_val_000000.npy"]
+    np.testing.assert_array_equal(np.load(tmp_path / "edufineweb_val_000000.npy"), np.arange(10))
+
+
+def test_other_source_into_same_folder(corpus, tmp_path):
+    assert run(corpus, tmp_path, "--max_tokens", "12000") == 0
+    with pytest.raises(SystemExit) as e:
+        run(corpus, tmp_path, "--shard_size", "5000")  # the later --shard_size wins in argparse
+    assert "another source, prefix or shard size" in str(e.value.code)
