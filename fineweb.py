@@ -10,25 +10,27 @@ Shards are edufineweb_{val|train}_{index:06d}.npy (fineweb_... for --dataset fin
 <|endoftext|> (50256) followed by its encode_ordinary tokens, and documents run on across shard
 boundaries in dataset order.
 
-The dataset is streamed, so disk holds only the shards. The main process reads batches of documents
-and sends their raw utf-8 bytes to worker processes, which tokenize a whole batch and return one
-uint16 array; the main process copies whole arrays into the shard buffer, and a thread writes each
-full shard (temporary name, fsync, rename). manifest.json records per shard its token count, crc32
-and where it starts and ends as [document index, token offset into that document], so a rerun after
-an interruption verifies the finished shards and continues exactly where they end: the same bytes
-as an uninterrupted run.
+The dataset is streamed (datasets streaming), so disk holds only the shards. The work is one task
+per parquet row group, in dataset order; each worker process streams its row group itself and
+returns one uint16 array, so the main process only copies whole arrays into the shard buffer, and a
+thread writes each full shard (temporary name, fsync, rename). manifest.json records per shard its
+token count, crc32 and where it starts and ends as [document index, token offset into that
+document], so a rerun after an interruption verifies the finished shards and continues exactly
+where they end: the same bytes as an uninterrupted run.
 """
 import argparse
 import glob
+import io
 import json
 import multiprocessing as mp
 import os
 import re
+import signal
 import sys
 import time
 import zlib
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import numpy as np
 
@@ -89,7 +91,6 @@ def parse_args(argv):
                    help="read local parquet/json/jsonl files or globs with a 'text' column instead of the hub")
     p.add_argument("--max_tokens", type=count, help="stop after this many tokens (a quick subset)")
     p.add_argument("--verify", action="store_true", help="check the shards in --out_dir against the manifest")
-    p.add_argument("--batch_docs", type=count, default=512, help="documents per task sent to a worker")
     p.add_argument("--start_method", choices=["fork", "spawn", "forkserver"],
                    help="multiprocessing start method (default: the platform's)")
     args = p.parse_args(argv)
@@ -137,14 +138,14 @@ def describe_source(args):
 
 
 def open_source(source):
-    """The documents as a datasets streaming dataset of arrow tables with one column, text."""
+    """The documents as a datasets streaming dataset with one column, text; nothing is read yet."""
     import datasets
     datasets.disable_progress_bars()
     where = " ".join(source["files"][:1]) if "files" in source else f"{source['dataset']} ({source['config']})"
     try:
         if "files" in source:
             ds = datasets.load_dataset(source["format"], data_files=source["files"], split="train", streaming=True)
-        else:  # the network call: streaming, so nothing but metadata is fetched here
+        else:  # the network call: streaming, so only metadata is fetched here
             ds = datasets.load_dataset(source["dataset"], name=source["config"], split="train", streaming=True)
     except Exception as e:
         fail(f"cannot open {where}: {one_line(e)}")
@@ -154,64 +155,48 @@ def open_source(source):
     dtype = getattr(features.get("text"), "dtype", "string")
     if dtype not in ("string", "large_string"):
         fail(f"{where}: column 'text' holds {dtype}, not strings")
-    return ds.select_columns(["text"]).with_format("arrow")
-
-
-def read_batches(ds, batch_docs, start_doc, resume):
-    """Yield (index of the first document, resume point before this batch, arrow text column)
-    for the documents from start_doc on; resume = {"doc", "state"} is where reading may restart."""
-    doc, state = 0, None
-    if resume and resume["state"] is not None:
-        try:
-            ds.load_state_dict(resume["state"])
-            doc, state = resume["doc"], resume["state"]
-        except Exception as e:
-            print(f"note: cannot restore the dataset position ({one_line(e)}); reading from the start", file=sys.stderr)
-    try:
-        for table in ds.iter(batch_size=batch_docs):
-            skip = max(0, start_doc - doc)  # documents before start_doc are already in the shards
-            if skip < len(table):
-                yield doc + skip, {"doc": doc, "state": state}, table.column("text").slice(skip)
-            doc += len(table)
-            state = ds.state_dict()
-    except Exception as e:
-        fail(f"reading the source failed after document {doc}: {one_line(e)}")
-
-
-def pack_texts(column):
-    """An arrow string column -> (utf-8 bytes, int64 offsets) as numpy arrays. A pickled arrow
-    slice would carry its whole parent buffer; this carries only its own bytes."""
-    import pyarrow as pa
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
-        arr = arr.cast(pa.large_string())
-    if arr.null_count:
-        arr = arr.fill_null("")  # a missing text is an empty document
-    _, offsets, data = arr.buffers()
-    offsets = np.frombuffer(offsets, np.int32 if pa.types.is_string(arr.type) else np.int64)
-    offsets = offsets[arr.offset:arr.offset + len(arr) + 1].astype(np.int64)
-    data = np.frombuffer(data, np.uint8)[offsets[0]:offsets[-1]] if data is not None else np.empty(0, np.uint8)
-    return data, offsets - offsets[0]
+    return ds.select_columns(["text"])
 
 
 # ----------------------------------------------------------------------------- workers
+# The work is split into tasks of one parquet row group each (FineWeb's files hold 1,000 documents
+# per row group; a json file is one task), in dataset order. Each worker streams its row group
+# itself, so the main process never touches text: it only collects one token array per task.
 
-_encoder = None
+_worker = {}
 
 
-def encode_batch(data, offsets):
-    """Worker: a batch of documents as utf-8 bytes + offsets -> (uint16 tokens with <|endoftext|>
-    before each document, cumulative token count at the end of each document)."""
-    global _encoder
-    if _encoder is None:
+def init_worker(ds):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    _worker["ds"] = ds
+
+
+def file_part(f):
+    """File f of the dataset, split into one shard per row group (cached: tasks come file by file)."""
+    if _worker.get("file", (None,))[0] != f:
+        ds = _worker["ds"]
+        part = ds.shard(num_shards=ds.num_shards, index=f)
+        _worker["file"] = (f, part.reshard() if hasattr(part, "reshard") else part)
+    return _worker["file"][1]
+
+
+def count_groups(f):
+    return file_part(f).num_shards
+
+
+def encode_task(f, group):
+    """Worker: row group `group` of file f -> (uint16 tokens with <|endoftext|> before each
+    document, cumulative token count at the end of each document)."""
+    if "encoder" not in _worker:
         import tiktoken
-        _encoder = tiktoken.get_encoding("gpt2")
-    raw, bounds = memoryview(data.tobytes()), offsets.tolist()
+        _worker["encoder"] = tiktoken.get_encoding("gpt2")
+    encode, part = _worker["encoder"].encode_to_numpy, file_part(f)
     parts = []
-    for a, b in zip(bounds, bounds[1:]):
-        parts.append(EOT_ARRAY)
-        # no special tokens allowed == encode_ordinary, but without building a list of Python ints
-        parts.append(_encoder.encode_to_numpy(str(raw[a:b], "utf-8", "replace"), disallowed_special=()))
+    for table in part.shard(num_shards=part.num_shards, index=group).with_format("arrow").iter(batch_size=1024):
+        for text in table.column("text").to_pylist():
+            parts.append(EOT_ARRAY)
+            # no special tokens allowed == encode_ordinary, minus a list of Python ints
+            parts.append(encode(text or "", disallowed_special=()))  # a missing text is an empty document
     lengths = np.fromiter((len(p) + 1 for p in parts[1::2]), np.int64, len(parts) // 2)
     tokens = np.concatenate(parts).astype(np.uint16) if parts else np.empty(0, np.uint16)
     return tokens, np.cumsum(lengths)
@@ -223,23 +208,19 @@ def shard_name(prefix, index):
     return f"{prefix}_{'val' if index == 0 else 'train'}_{index:06d}.npy"
 
 
-def write_atomic(path, write):
-    """Write under a temporary name, fsync, rename: a final name never holds a partial file."""
-    tmp = path + ".tmp"
+def save_manifest(out_dir, manifest):
+    """Write the manifest under a temporary name, fsync, rename: it is always whole."""
+    path = os.path.join(out_dir, MANIFEST)
     try:
-        with open(tmp, "wb") as f:
-            write(f)
+        with open(path + ".tmp", "w") as f:
+            json.dump(manifest, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(path + ".tmp", path)
     except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
         fail(f"cannot write {path}: {e.strerror or e}")
-
-
-def save_manifest(out_dir, manifest):
-    write_atomic(os.path.join(out_dir, MANIFEST), lambda f: f.write(json.dumps(manifest, indent=1).encode()))
 
 
 def load_manifest(out_dir):
@@ -336,44 +317,82 @@ def prepare(out_dir, prefix, source, args):
     return manifest, done
 
 
+def npy_header(n):
+    """The .npy header of a 1-D uint16 array of n tokens: 128 bytes for any n, so the remainder
+    shard can rewrite it in place."""
+    out = io.BytesIO()
+    np.lib.format.write_array_header_1_0(out, {"descr": "<u2", "fortran_order": False, "shape": (n,)})
+    return out.getvalue()
+
+
 class ShardWriter:
-    """Copies token arrays into a shard buffer; a thread writes each full shard and then the manifest."""
+    """Writes the workers' token arrays straight into shard files, in order (no copy into a buffer).
+    A shard is written under a temporary name; a thread then fsyncs and renames it and records it in
+    the manifest, while the main process goes on with the next shard."""
 
     def __init__(self, out_dir, manifest, thread):
         self.out_dir, self.manifest, self.thread = out_dir, manifest, thread
         self.size, self.index = manifest["shard_size"], len(manifest["shards"])
-        self.buf, self.fill, self.first, self.last, self.pending = None, 0, None, None, None
+        self.file, self.fill, self.crc, self.first, self.last, self.pending = None, 0, 0, None, None, None
 
     def add(self, tokens, ends, first_doc, resume, lo, hi):
-        """Copy tokens[lo:hi] of a batch whose documents start at index first_doc."""
+        """Write tokens[lo:hi] of a task whose documents start at index first_doc."""
         while lo < hi:
-            if self.fill == 0:
-                self.buf = np.empty(self.size, np.uint16) if self.buf is None else self.buf
+            if self.file is None:
                 self.first = locate(ends, lo, first_doc)
+                self.file = self.guard(open, self.tmp_path(), "wb")
+                self.guard(self.file.write, npy_header(self.size))
             take = min(hi - lo, self.size - self.fill)
-            self.buf[self.fill:self.fill + take] = tokens[lo:lo + take]
+            self.guard(self.file.write, tokens[lo:lo + take].data)
+            self.crc = zlib.crc32(tokens[lo:lo + take], self.crc)
             self.fill, lo = self.fill + take, lo + take
             self.last = (ends, lo, first_doc, resume)
             if self.fill == self.size:
                 self.close()
 
     def close(self):
-        """Hand the filled buffer to the writer thread (after the previous shard is on disk)."""
-        if self.fill == 0:
+        """Finish the shard being written: header, then fsync, rename and manifest on the thread."""
+        if self.file is None:
             return
         ends, lo, first_doc, resume = self.last
         doc, off = locate(ends, lo - 1, first_doc)
-        entry = {"file": shard_name(self.manifest["prefix"], self.index), "tokens": self.fill,
+        entry = {"file": shard_name(self.manifest["prefix"], self.index), "tokens": self.fill, "crc32": self.crc,
                  "first": self.first, "end": [doc, off + 1], "resume": resume}
+        if self.fill < self.size:  # the remainder shard
+            self.guard(self.file.seek, 0)
+            self.guard(self.file.write, npy_header(self.fill))
         self.wait()
-        self.pending = self.thread.submit(self.write, self.buf[:self.fill], entry)
-        self.buf, self.fill, self.index = None, 0, self.index + 1
+        self.pending = self.thread.submit(self.finish, self.file, entry)
+        self.file, self.fill, self.crc, self.index = None, 0, 0, self.index + 1
 
-    def write(self, tokens, entry):
-        entry["crc32"] = zlib.crc32(tokens)
-        write_atomic(os.path.join(self.out_dir, entry["file"]), lambda f: np.save(f, tokens))
+    def finish(self, file, entry):
+        path = os.path.join(self.out_dir, entry["file"])
+        try:
+            with file:
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(file.name, path)
+        except OSError as e:
+            discard(file)
+            fail(f"cannot write {path}: {e.strerror or e}")
         self.manifest["shards"].append(entry)
         save_manifest(self.out_dir, self.manifest)
+
+    def tmp_path(self):
+        return os.path.join(self.out_dir, shard_name(self.manifest["prefix"], self.index) + ".tmp")
+
+    def guard(self, op, *args):
+        """A file operation on the shard being written; on failure the partial shard goes."""
+        try:
+            return op(*args)
+        except OSError as e:
+            self.discard()
+            fail(f"cannot write {self.tmp_path()[:-4]}: {e.strerror or e}")
+
+    def discard(self):
+        """Drop the unfinished shard (on error or interrupt); finished ones stay."""
+        discard(self.file)
+        self.file = None
 
     def wait(self):
         if self.pending is not None:
@@ -381,58 +400,85 @@ class ShardWriter:
             self.pending = None
 
 
+def discard(file):
+    if file is not None:
+        try:
+            file.close()
+        except OSError:
+            pass
+        if os.path.exists(file.name):
+            os.remove(file.name)
+
+
 # ----------------------------------------------------------------------------- main loop
 
 def tokenize(args, ds, manifest):
-    """Stream documents through the worker pool into shards, from where the kept shards end."""
+    """Run the row-group tasks through the worker pool into shards, from where the kept shards end."""
     from tqdm import tqdm
     kept = manifest["shards"]
-    start_doc, carry = kept[-1]["end"] if kept else (0, 0)
-    resume = kept[-1]["resume"] if kept else None
-    # the carried-over document's first tokens must equal the end of the last kept shard
-    tail = np.load(os.path.join(args.out_dir, kept[-1]["file"]))[-carry:] if carry else None
+    # a resume restarts at the task that holds the last kept token, [end_doc, carry - 1]
+    task, doc = (kept[-1]["resume"]["task"], kept[-1]["resume"]["doc"]) if kept else (0, 0)
+    end_doc, carry = kept[-1]["end"] if kept else (0, 0)
+    # ... and that document's first `carry` tokens must equal the end of the last kept shard
+    tail = np.load(os.path.join(args.out_dir, kept[-1]["file"]))[-carry:] if kept else None
     written = sum(e["tokens"] for e in kept)
     left = args.max_tokens - written if args.max_tokens else float("inf")
     docs, t0 = 0, time.time()
-    ctx = mp.get_context(args.start_method)
-    with ctx.Pool(args.workers) as pool, ThreadPoolExecutor(1) as thread, \
-            tqdm(total=args.max_tokens, initial=written, unit="tok", unit_scale=True, dynamic_ncols=True) as bar:
-        writer = ShardWriter(args.out_dir, manifest, thread)
+    # not multiprocessing.Pool: its terminate() kills workers that may hold the result queue's lock
+    # (big results), which can hang the shutdown; this executor lets running tasks finish instead
+    pool = ProcessPoolExecutor(args.workers, mp.get_context(args.start_method), init_worker, (ds,))
+    try:
+        try:  # reads each parquet footer, in parallel (and starts the workers, before any thread)
+            groups = list(pool.map(count_groups, range(ds.num_shards)))
+        except Exception as e:
+            fail(f"reading the source's file list failed: {one_line(e)}")
+        if manifest.setdefault("row_groups", groups) != groups:
+            fail("the source's files or row groups changed since the kept shards were written; use a fresh --out_dir")
+        tasks = [(f, g) for f, n in enumerate(groups) for g in range(n)]
+        with ThreadPoolExecutor(1) as thread, tqdm(total=args.max_tokens, initial=written, unit="tok",
+                                                   unit_scale=True, dynamic_ncols=True) as bar:
+            writer = ShardWriter(args.out_dir, manifest, thread)
 
-        def take(first_doc, resume, job):
-            nonlocal tail, left, docs
+            def take(t, job):
+                nonlocal tail, left, docs, doc
+                try:
+                    tokens, ends = job.result()
+                except Exception as e:
+                    fail(f"reading or tokenizing row group {tasks[t][1]} of file {tasks[t][0]} failed: {one_line(e)}")
+                first_doc, doc, lo = doc, doc + len(ends), 0
+                if tail is not None:  # the resumed task: skip what the kept shards hold
+                    j = end_doc - first_doc
+                    lo = (int(ends[j - 1]) if 0 < j <= len(ends) else 0) + carry
+                    if not 0 <= j < len(ends) or lo > ends[j] or not np.array_equal(tokens[lo - len(tail):lo], tail):
+                        fail(f"document {end_doc} no longer matches the end of {kept[-1]['file']} "
+                             "(did the source change?); use a fresh --out_dir")
+                    tail = None
+                hi = int(min(len(tokens), lo + left))
+                writer.add(tokens, ends, first_doc, {"task": t, "doc": first_doc}, lo, hi)
+                left -= hi - lo
+                docs += len(ends)
+                bar.update(hi - lo)
+                bar.set_postfix_str(f"{docs / max(time.time() - t0, 1e-9):,.0f} docs/s", refresh=False)
+                return left <= 0
+
+            inflight, stopped = deque(), False
             try:
-                tokens, ends = job.get()
-            except Exception as e:
-                fail(f"a tokenizer worker failed: {one_line(e)}")
-            lo = 0
-            if tail is not None:
-                lo = min(carry, int(ends[0]))
-                if lo != carry or not np.array_equal(tokens[carry - len(tail):carry], tail):
-                    fail(f"document {first_doc} no longer matches the end of {kept[-1]['file']} "
-                         "(did the source change?); use a fresh --out_dir")
-                tail = None
-            hi = int(min(len(tokens), lo + left))
-            writer.add(tokens, ends, first_doc, resume, lo, hi)
-            left -= hi - lo
-            docs += len(ends)
-            bar.update(hi - lo)
-            bar.set_postfix_str(f"{docs / max(time.time() - t0, 1e-9):,.0f} docs/s", refresh=False)
-            return left <= 0
-
-        inflight, stopped = deque(), False
-        for first_doc, resume, column in read_batches(ds, args.batch_docs, start_doc, resume):
-            inflight.append((first_doc, resume, pool.apply_async(encode_batch, pack_texts(column))))
-            if len(inflight) > 2 * args.workers:  # bounded read-ahead: memory stays flat
-                stopped = take(*inflight.popleft())
-                if stopped:
-                    break
-        while inflight and not stopped:
-            stopped = take(*inflight.popleft())
-        if tail is not None:
-            fail(f"the source ends before document {start_doc}, where the kept shards end; use a fresh --out_dir")
-        writer.close()  # the remainder shard
-        writer.wait()
+                for t in range(task, len(tasks)):
+                    inflight.append((t, pool.submit(encode_task, *tasks[t])))
+                    if len(inflight) > 2 * args.workers:  # bounded read-ahead: memory stays flat
+                        stopped = take(*inflight.popleft())
+                        if stopped:
+                            break
+                while inflight and not stopped:
+                    stopped = take(*inflight.popleft())
+                if tail is not None:
+                    fail(f"the source ends before document {end_doc}, where the kept shards end; use a fresh --out_dir")
+                writer.close()  # the remainder shard
+                writer.wait()
+            finally:
+                writer.discard()  # a shard left unfinished by an error or an interrupt
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # running tasks finish, queued ones are dropped
     if not manifest["shards"]:
         fail("the source holds no documents")
     manifest.update(complete=True, stopped="max_tokens" if stopped else "end of data")

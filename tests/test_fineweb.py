@@ -47,7 +47,7 @@ def write_parquet(path, docs, first_id=0):
         "text": pa.array(docs, pa.string()), "id": [f"<urn:uuid:{first_id + i}>" for i in range(n)],
         "dump": ["CC-MAIN-2024-10"] * n, "url": [f"https://example.org/{first_id + i}" for i in range(n)],
         "token_count": pa.array([len(d or "") // 4 for d in docs], pa.int64()),
-        "score": pa.array([2.5 + (i % 7) / 3 for i in range(n)], pa.float64())}), path, row_group_size=300)
+        "score": pa.array([2.5 + (i % 7) / 3 for i in range(n)], pa.float64())}), path, row_group_size=100)  # 13 row groups: 13 tasks
 
 
 def reference_tokens(docs):
@@ -97,15 +97,12 @@ def all_tokens(out_dir):
 
 
 def folder_bytes(out_dir):
-    """Every file of a folder by name; the manifest without the dataset positions it records."""
+    """Every file of a folder by name, the manifest parsed."""
     files = {}
     for path in sorted(glob.glob(os.path.join(out_dir, "*"))):
         with open(path, "rb") as f:
             files[os.path.basename(path)] = f.read()
-    manifest = json.loads(files.pop("manifest.json"))
-    for entry in manifest["shards"]:
-        entry.pop("resume")
-    return files, manifest
+    return files, json.loads(files.pop("manifest.json"))
 
 
 def one_error_line(text):
@@ -134,9 +131,9 @@ def test_shards_equal_reference(corpus, reference_run):
     assert not glob.glob(os.path.join(reference_run, "*.tmp"))
 
 
-@pytest.mark.parametrize("workers,batch_docs", [(1, 512), (3, 7)])
-def test_workers_and_batches_do_not_change_the_output(corpus, reference_run, tmp_path, workers, batch_docs):
-    assert run(corpus, tmp_path, "--workers", str(workers), "--batch_docs", str(batch_docs)) == 0
+@pytest.mark.parametrize("workers", [1, 3])
+def test_workers_do_not_change_the_output(corpus, reference_run, tmp_path, workers):
+    assert run(corpus, tmp_path, "--workers", str(workers)) == 0
     assert folder_bytes(tmp_path) == folder_bytes(reference_run)
 
 
@@ -207,7 +204,6 @@ def test_verify_counts_documents(corpus, reference_run, tmp_path):
 KILLER = """
 import os, signal, sys, time
 sys.path.insert(0, {root!r})
-import numpy as np
 import fineweb
 
 mode, n = sys.argv[1], int(sys.argv[2])
@@ -216,15 +212,13 @@ calls = [0]
 def die():
     os.killpg(0, signal.SIGKILL)  # the whole process group: main process and workers
 
-save, save_manifest, write = np.save, fineweb.save_manifest, fineweb.ShardWriter.write
+add, save_manifest, finish = fineweb.ShardWriter.add, fineweb.save_manifest, fineweb.ShardWriter.finish
 
-def partial_save(f, arr):  # killed in the middle of writing shard n
-    calls[0] += 1
-    if calls[0] == n:
-        f.write(b"\\x93NUMPY partial")
-        f.flush()
+def partial_add(self, *args):  # killed with part of a shard (shard n or the next one begun) written
+    add(self, *args)
+    if self.index >= n - 1 and self.file is not None:
+        self.file.flush()
         die()
-    save(f, arr)
 
 def late_manifest(out_dir, manifest):  # killed after shard n got its final name, before the manifest
     calls[0] += 1
@@ -232,94 +226,124 @@ def late_manifest(out_dir, manifest):  # killed after shard n got its final name
         die()
     save_manifest(out_dir, manifest)
 
-def stall(self, tokens, entry):  # shard n on disk, then stop so the test can kill from outside
-    write(self, tokens, entry)
+def stall(self, file, entry):  # shard n on disk, then stop so the test can kill from outside
+    finish(self, file, entry)
     calls[0] += 1
     if calls[0] == n:
         open(os.environ["READY_FILE"], "w").close()
         time.sleep(60)
 
+def wait_in_main(self, *args):  # shard n begun, then wait for the test's Ctrl-C
+    add(self, *args)
+    if self.index >= n:
+        open(os.environ["READY_FILE"], "w").close()
+        time.sleep(60)
+
 if mode == "mid_write":
-    np.save = partial_save
+    fineweb.ShardWriter.add = partial_add
+elif mode == "sigint":
+    fineweb.ShardWriter.add = wait_in_main
 elif mode == "before_manifest":
     fineweb.save_manifest = late_manifest
 else:
-    fineweb.ShardWriter.write = stall
+    fineweb.ShardWriter.finish = stall
 sys.exit(fineweb.main(sys.argv[3:]))
 """
 
 
-@pytest.mark.parametrize("mode,n", [("mid_write", 3), ("before_manifest", 40), ("external", 25)])
+@pytest.mark.parametrize("mode,n", [("mid_write", 3), ("before_manifest", 40), ("external", 25), ("sigint", 30)])
 def test_kill_and_resume(corpus, reference_run, tmp_path, mode, n):
     """SIGKILL mid-run (inside the write of shard n, between shard n and its manifest entry, or from
-    outside while workers run), then rerun: the same folder as an uninterrupted run. Shard 3 lies
-    inside the long document; shards 25 and 40 end in later batches, so the rerun restores the
-    dataset position instead of reading from the start."""
+    outside while workers run) or Ctrl-C, then rerun: the same folder as an uninterrupted run.
+    Shard 3 lies inside the long document; the others end in later row groups, which the rerun
+    starts at instead of reading from the start."""
     driver = tmp_path / "driver.py"
     driver.write_text(KILLER.format(root=ROOT))
     out = tmp_path / "out"
-    args = ["--local_files", *corpus["files"], "--out_dir", str(out), "--shard_size", str(SHARD),
-            "--workers", "2", "--batch_docs", "64"]
+    args = ["--local_files", *corpus["files"], "--out_dir", str(out), "--shard_size", str(SHARD), "--workers", "2"]
     env = dict(os.environ, READY_FILE=str(tmp_path / "ready"))
     proc = subprocess.Popen([sys.executable, str(driver), mode, str(n), *args], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    if mode == "external":
+    if mode in ("external", "sigint"):
         deadline = time.time() + 60
         while not os.path.exists(env["READY_FILE"]) and time.time() < deadline and proc.poll() is None:
             time.sleep(0.05)
         assert os.path.exists(env["READY_FILE"]), proc.stderr.read().decode()
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGINT if mode == "sigint" else signal.SIGKILL)
     proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
+    err = proc.stderr.read().decode()
+    if mode == "sigint":  # a clean stop: a message, exit 130, the unfinished shard removed
+        assert proc.returncode == 130 and "Traceback" not in err, err
+        assert err.strip().splitlines()[-1].startswith("interrupted: "), err
+        assert not glob.glob(os.path.join(out, "*.tmp"))
+    else:
+        assert proc.returncode == -signal.SIGKILL, err
     # what the kill left: whole shards under final names, never a partial one
     finished = shard_files(out)
-    assert n - 1 <= len(finished) <= n + 1 < len(shard_files(reference_run))
+    assert n - 1 <= len(finished) < len(shard_files(reference_run))
     for f in finished:
         assert np.load(f).shape == (SHARD,)
     kept = json.load(open(out / "manifest.json"))["shards"]
-    if mode == "mid_write":
-        assert os.path.exists(str(out / fineweb.shard_name("edufineweb", n - 1)) + ".tmp")
-        assert len(finished) == len(kept) == n - 1
+    if mode == "mid_write":  # the shards after the finished ones exist only under temporary names
+        tmps = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, "*.tmp")))
+        assert tmps and tmps == [fineweb.shard_name("edufineweb", len(finished) + i) + ".tmp" for i in range(len(tmps))]
+        assert len(kept) == len(finished)
     else:
-        assert kept[-1]["resume"]["state"] is not None
+        assert kept[-1]["resume"]["task"] > 0
     if mode == "before_manifest":
         assert len(kept) == len(finished) - 1 == n - 1
 
     result = run_script(args)
     assert result.returncode == 0, result.stderr
-    assert "cannot restore the dataset position" not in result.stderr
     assert folder_bytes(out) == folder_bytes(reference_run)
+    # the rerun tokenized only the documents from the resumed row group on
+    resumed = int(result.stdout.split(" documents")[0].split()[-1].replace(",", ""))
+    assert resumed == len(corpus["docs"]) - kept[-1]["resume"]["doc"]
 
 
-def test_resume_restores_the_dataset_position(corpus, reference_run):
-    """A resume starts reading at the recorded dataset state, not at document 0."""
-    manifest = json.load(open(reference_run / "manifest.json"))
-    entry = manifest["shards"][-2]  # in the last batch of 512 documents
-    assert entry["resume"]["doc"] > 0 and entry["resume"]["state"] is not None
-    ds = fineweb.open_source(fineweb.describe_source(fineweb.parse_args(["--local_files", *corpus["files"]])))
-    first_doc, resume, column = next(fineweb.read_batches(ds, 512, entry["end"][0], entry["resume"]))
-    assert resume == entry["resume"] and first_doc == entry["end"][0]
-    assert column.to_pylist()[:3] == corpus["docs"][first_doc:first_doc + 3]
+class FullDisk:
+    """A file on a disk that fills up after `room` bytes."""
 
+    def __init__(self, path, room):
+        self.file, self.room = open(path, "wb"), room
 
-def test_full_disk(corpus, reference_run, tmp_path, monkeypatch):
-    """ENOSPC while writing shard 2: one-line error, shards 0-1 intact, no partial file; a rerun finishes."""
-    real_save, calls = np.save, []
-
-    def full_disk(f, arr, **kw):
-        calls.append(1)
-        if len(calls) == 3:
-            f.write(b"\x93NUMPY half a shard")
+    def write(self, data):
+        data = memoryview(data).cast("B")
+        if len(data) > self.room:
+            self.file.write(data[:self.room])
+            self.room = 0
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real_save(f, arr, **kw)
+        self.room -= len(data)
+        return self.file.write(data)
 
-    monkeypatch.setattr(np, "save", full_disk)
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+@pytest.mark.parametrize("where", ["write", "fsync"])
+def test_full_disk(corpus, reference_run, tmp_path, monkeypatch, where):
+    """ENOSPC in the middle of shard 2 (on write, or on fsync as delayed allocation reports it):
+    a one-line error, shards 0-1 intact, no partial file left; a rerun finishes the job."""
+    real_fsync = os.fsync
+    if where == "write":
+        monkeypatch.setattr(fineweb, "open", lambda path, mode="r", *a, **k: FullDisk(path, 5000)
+                            if path.endswith("train_000002.npy.tmp") else open(path, mode, *a, **k), raising=False)
+    else:
+        def fsync(fd):
+            if os.readlink(f"/proc/self/fd/{fd}").endswith("train_000002.npy.tmp"):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            real_fsync(fd)
+        monkeypatch.setattr(os, "fsync", fsync)
     with pytest.raises(SystemExit) as e:
         run(corpus, tmp_path)
     monkeypatch.undo()
-    msg = str(e.value.code)
-    assert msg == f"error: cannot write {tmp_path / 'edufineweb_train_000002.npy'}: No space left on device"
-    assert [os.path.basename(f) for f in shard_files(tmp_path)] == ["edufineweb_val_000000.npy", "edufineweb_train_000001.npy"]
+    assert e.value.code == f"error: cannot write {tmp_path / 'edufineweb_train_000002.npy'}: No space left on device"
     assert sorted(os.listdir(tmp_path)) == ["edufineweb_train_000001.npy", "edufineweb_val_000000.npy", "manifest.json"]
     assert fineweb.main(["--verify", "--out_dir", str(tmp_path)]) == 0
     assert run(corpus, tmp_path) == 0
