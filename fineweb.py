@@ -10,11 +10,11 @@ Shards are edufineweb_{val|train}_{index:06d}.npy (fineweb_... for --dataset fin
 <|endoftext|> (50256) followed by its encode_ordinary tokens, and documents run on across shard
 boundaries in dataset order.
 
-The dataset is streamed (datasets streaming), so disk holds only the shards. The work is one task
-per parquet row group, in dataset order; each worker process streams its row group itself and
-returns one uint16 array, so the main process only copies whole arrays into the shard buffer, and a
-thread writes each full shard (temporary name, fsync, rename). manifest.json records per shard its
-token count, crc32 and where it starts and ends as [document index, token offset into that
+The dataset is streamed (datasets streaming), so disk holds only the shards. The work is split
+into tasks of a few parquet row groups each, in dataset order; each worker process streams its
+task's documents itself and returns one uint16 array, which the main process writes straight into
+the shard file (temporary name; fsync and rename on a thread). manifest.json records per shard its
+token count, checksum and where it starts and ends as [document index, token offset into that
 document], so a rerun after an interruption verifies the finished shards and continues exactly
 where they end: the same bytes as an uninterrupted run.
 """
@@ -27,12 +27,13 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
-import zlib
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import numpy as np
+import xxhash  # a dependency of datasets
 
 EOT = 50256  # <|endoftext|>, opens every document
 EOT_ARRAY = np.array([EOT], np.uint32)
@@ -44,6 +45,7 @@ DATASETS = {
 CONFIG_RE = re.compile(r"sample-(\d+)BT|default|CC-MAIN-\d{4}-\d{2}")
 LOCAL_FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".json.gz": "json", ".jsonl.gz": "json"}
 MANIFEST = "manifest.json"
+GROUPS_PER_TASK = 4  # ~4M tokens of FineWeb per task: few tasks for the main process, bounded memory
 
 
 def fail(msg):
@@ -159,15 +161,17 @@ def open_source(source):
 
 
 # ----------------------------------------------------------------------------- workers
-# The work is split into tasks of one parquet row group each (FineWeb's files hold 1,000 documents
-# per row group; a json file is one task), in dataset order. Each worker streams its row group
-# itself, so the main process never touches text: it only collects one token array per task.
+# The work is split into tasks of up to GROUPS_PER_TASK consecutive parquet row groups of one file
+# (FineWeb's files hold 1,000 documents per row group; a json file is one task), in dataset order.
+# Each worker streams its task's rows itself, so the main process never touches text: it only
+# collects one token array per task.
 
 _worker = {}
 
 
 def init_worker(ds):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's handler (fork copies it)
     _worker["ds"] = ds
 
 
@@ -184,15 +188,15 @@ def count_groups(f):
     return file_part(f).num_shards
 
 
-def encode_task(f, group):
-    """Worker: row group `group` of file f -> (uint16 tokens with <|endoftext|> before each
-    document, cumulative token count at the end of each document)."""
+def encode_task(f, runs, index):
+    """Worker: run `index` of file f split into `runs` runs of row groups -> (uint16 tokens with
+    <|endoftext|> before each document, cumulative token count at the end of each document)."""
     if "encoder" not in _worker:
         import tiktoken
         _worker["encoder"] = tiktoken.get_encoding("gpt2")
     encode, part = _worker["encoder"].encode_to_numpy, file_part(f)
     parts = []
-    for table in part.shard(num_shards=part.num_shards, index=group).with_format("arrow").iter(batch_size=1024):
+    for table in part.shard(num_shards=runs, index=index).with_format("arrow").iter(batch_size=1024):
         for text in table.column("text").to_pylist():
             parts.append(EOT_ARRAY)
             # no special tokens allowed == encode_ordinary, minus a list of Python ints
@@ -227,7 +231,7 @@ def load_manifest(out_dir):
     try:
         with open(os.path.join(out_dir, MANIFEST)) as f:
             manifest = json.load(f)
-        fields = {"file", "tokens", "crc32", "first", "end", "resume"}  # what the code below relies on
+        fields = {"file", "tokens", "xxh3_64", "first", "end", "resume"}  # what the code below relies on
         if not {"source", "prefix", "shard_size", "shards"} <= manifest.keys() or \
                 any(not fields <= e.keys() for e in manifest["shards"]):
             raise ValueError("fields are missing")
@@ -256,7 +260,7 @@ def check_shard(out_dir, entry, index, prefix, shard_size):
         return f"holds {arr.dtype} of shape {arr.shape}, not 1-D uint16 tokens"
     if len(arr) != entry["tokens"] or len(arr) > shard_size:
         return f"holds {len(arr)} tokens, the manifest says {entry['tokens']} (shard size {shard_size})"
-    if zlib.crc32(arr) != entry["crc32"]:
+    if xxhash.xxh3_64_hexdigest(arr) != entry["xxh3_64"]:
         return "checksum differs from the manifest"
     if arr.max() > EOT:
         return f"token id {arr.max()} is beyond the GPT-2 vocabulary"
@@ -288,7 +292,7 @@ def prepare(out_dir, prefix, source, args):
                     "tokenizer": "gpt2", "eot": EOT, "shards": []}
     else:
         manifest = load_manifest(out_dir)
-        if (manifest.get("source"), manifest.get("prefix"), manifest.get("shard_size")) != (source, prefix, args.shard_size):
+        if [manifest.get(k) for k in ("source", "prefix", "shard_size")] != [source, prefix, args.shard_size]:
             fail(f"{out_dir} holds shards of another source, prefix or shard size; use a fresh --out_dir")
         kept = []
         for i, entry in enumerate(manifest["shards"]):
@@ -333,18 +337,18 @@ class ShardWriter:
     def __init__(self, out_dir, manifest, thread):
         self.out_dir, self.manifest, self.thread = out_dir, manifest, thread
         self.size, self.index = manifest["shard_size"], len(manifest["shards"])
-        self.file, self.fill, self.crc, self.first, self.last, self.pending = None, 0, 0, None, None, None
+        self.file, self.fill, self.hash, self.first, self.last, self.pending = None, 0, None, None, None, None
 
     def add(self, tokens, ends, first_doc, resume, lo, hi):
         """Write tokens[lo:hi] of a task whose documents start at index first_doc."""
         while lo < hi:
             if self.file is None:
                 self.first = locate(ends, lo, first_doc)
-                self.file = self.guard(open, self.tmp_path(), "wb")
+                self.file, self.hash = self.guard(open, self.tmp_path(), "wb"), xxhash.xxh3_64()
                 self.guard(self.file.write, npy_header(self.size))
             take = min(hi - lo, self.size - self.fill)
             self.guard(self.file.write, tokens[lo:lo + take].data)
-            self.crc = zlib.crc32(tokens[lo:lo + take], self.crc)
+            self.hash.update(tokens[lo:lo + take])
             self.fill, lo = self.fill + take, lo + take
             self.last = (ends, lo, first_doc, resume)
             if self.fill == self.size:
@@ -356,14 +360,15 @@ class ShardWriter:
             return
         ends, lo, first_doc, resume = self.last
         doc, off = locate(ends, lo - 1, first_doc)
-        entry = {"file": shard_name(self.manifest["prefix"], self.index), "tokens": self.fill, "crc32": self.crc,
+        entry = {"file": shard_name(self.manifest["prefix"], self.index), "tokens": self.fill,
+                 "xxh3_64": self.hash.hexdigest(),
                  "first": self.first, "end": [doc, off + 1], "resume": resume}
         if self.fill < self.size:  # the remainder shard
             self.guard(self.file.seek, 0)
             self.guard(self.file.write, npy_header(self.fill))
         self.wait()
         self.pending = self.thread.submit(self.finish, self.file, entry)
-        self.file, self.fill, self.crc, self.index = None, 0, 0, self.index + 1
+        self.file, self.fill, self.index = None, 0, self.index + 1
 
     def finish(self, file, entry):
         path = os.path.join(self.out_dir, entry["file"])
@@ -420,7 +425,7 @@ def tokenize(args, ds, manifest):
     task, doc = (kept[-1]["resume"]["task"], kept[-1]["resume"]["doc"]) if kept else (0, 0)
     end_doc, carry = kept[-1]["end"] if kept else (0, 0)
     # ... and that document's first `carry` tokens must equal the end of the last kept shard
-    tail = np.load(os.path.join(args.out_dir, kept[-1]["file"]))[-carry:] if kept else None
+    tail = np.array(np.load(os.path.join(args.out_dir, kept[-1]["file"]), mmap_mode="r")[-carry:]) if kept else None
     written = sum(e["tokens"] for e in kept)
     left = args.max_tokens - written if args.max_tokens else float("inf")
     docs, t0 = 0, time.time()
@@ -434,7 +439,8 @@ def tokenize(args, ds, manifest):
             fail(f"reading the source's file list failed: {one_line(e)}")
         if manifest.setdefault("row_groups", groups) != groups:
             fail("the source's files or row groups changed since the kept shards were written; use a fresh --out_dir")
-        tasks = [(f, g) for f, n in enumerate(groups) for g in range(n)]
+        per_task = manifest.setdefault("groups_per_task", GROUPS_PER_TASK)  # the plan a resume continues
+        tasks = [(f, -(-n // per_task), i) for f, n in enumerate(groups) for i in range(-(-n // per_task))]
         with ThreadPoolExecutor(1) as thread, tqdm(total=args.max_tokens, initial=written, unit="tok",
                                                    unit_scale=True, dynamic_ncols=True) as bar:
             writer = ShardWriter(args.out_dir, manifest, thread)
@@ -444,7 +450,7 @@ def tokenize(args, ds, manifest):
                 try:
                     tokens, ends = job.result()
                 except Exception as e:
-                    fail(f"reading or tokenizing row group {tasks[t][1]} of file {tasks[t][0]} failed: {one_line(e)}")
+                    fail(f"reading or tokenizing part {tasks[t][2]} of file {tasks[t][0]} failed: {one_line(e)}")
                 first_doc, doc, lo = doc, doc + len(ends), 0
                 if tail is not None:  # the resumed task: skip what the kept shards hold
                     j = end_doc - first_doc
@@ -496,7 +502,7 @@ def verify(out_dir):
         if problem is None and entry["first"] not in ([[0, 0]] if end is None else [end, [end[0] + 1, 0]]):
             problem = f"starts at [document, offset] {entry['first']}, but the previous shard ends at {end}"
         if problem is None and entry["tokens"] != size and (i + 1 < len(shards) or not manifest.get("complete")):
-            problem = f"holds {entry['tokens']} tokens, but only the last shard of a finished run may hold fewer than {size}"
+            problem = f"holds {entry['tokens']} tokens; only a finished run's last shard may hold fewer than {size}"
         if problem:
             problems.append(f"{entry['file']}: {problem}")
         end = entry["end"]
@@ -509,6 +515,10 @@ def verify(out_dir):
     state = "complete" if manifest.get("complete") else "incomplete (rerun the same command to resume)"
     print(f"ok: {len(shards)} shards, {sum(e['tokens'] for e in shards):,} tokens in {out_dir}, {state}")
     return 0
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (a stopped or preempted box) ends as cleanly as Ctrl-C
 
 
 def main(argv=None):
@@ -526,6 +536,8 @@ def main(argv=None):
     manifest, done = prepare(args.out_dir, prefix, source, args)
     if not done:
         try:
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, interrupt)
             tokens, docs, seconds = tokenize(args, ds, manifest)
         except KeyboardInterrupt:
             print(f"\ninterrupted: {len(manifest['shards'])} finished shards kept in {args.out_dir}; "
@@ -540,4 +552,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # before any shard was started
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)

@@ -33,7 +33,8 @@ def make_documents():
     """Varied documents: empty, missing, whitespace, unicode, emoji, a literal <|endoftext|>, very long."""
     rng = random.Random(1234)
     words = ["the", "education", "of", "a", "model", "naïve", "café", "Ελληνικά", "日本語", "עברית",
-             "🙂", "🚀", "👩‍👩‍👧‍👦", "🇩🇪", "tokens", "1024", "  ", "\n", "\t", "GPT-2", "don't", "ﬁ", "x̧"]
+             "🙂", "🚀", "👩‍👩‍👧‍👦", "🇩🇪", "tokens", "1024", "  ", "\n", "\t",
+             "GPT-2", "don't", "ﬁ", "x̧"]
     docs = ["", None, "   \n\t  ", "before <|endoftext|> after", "Hello world", "🙂" * 50,
             " ".join(rng.choice(words) for _ in range(30_000))]  # ~40k tokens: spans several shards
     docs += [" ".join(rng.choice(words) for _ in range(rng.randint(0, 300))) for _ in range(1200)]
@@ -47,7 +48,8 @@ def write_parquet(path, docs, first_id=0):
         "text": pa.array(docs, pa.string()), "id": [f"<urn:uuid:{first_id + i}>" for i in range(n)],
         "dump": ["CC-MAIN-2024-10"] * n, "url": [f"https://example.org/{first_id + i}" for i in range(n)],
         "token_count": pa.array([len(d or "") // 4 for d in docs], pa.int64()),
-        "score": pa.array([2.5 + (i % 7) / 3 for i in range(n)], pa.float64())}), path, row_group_size=100)  # 13 row groups: 13 tasks
+        "score": pa.array([2.5 + (i % 7) / 3 for i in range(n)], pa.float64())}),
+        path, row_group_size=50)  # 25 row groups in the corpus: 7 tasks of up to 4
 
 
 def reference_tokens(docs):
@@ -89,7 +91,7 @@ def reference_run(corpus, tmp_path_factory):
 
 def shard_files(out_dir):
     """Shards in training order: val first, then train."""
-    return sorted(glob.glob(os.path.join(out_dir, "*_val_*.npy"))) + sorted(glob.glob(os.path.join(out_dir, "*_train_*.npy")))
+    return [f for split in ("val", "train") for f in sorted(glob.glob(os.path.join(out_dir, f"*_{split}_*.npy")))]
 
 
 def all_tokens(out_dir):
@@ -143,8 +145,9 @@ def test_jsonl_files(corpus, tmp_path):
         for i, text in enumerate(docs):
             f.write(json.dumps({"id": i, "text": text}, ensure_ascii=bool(i % 2)) + "\n")
     assert fineweb.main(["--local_files", str(tmp_path / "*.jsonl"), "--out_dir", str(tmp_path / "out"),
-                         "--shard_size", "5000", "--workers", "2"]) == 0
+                         "--shard_size", "5000", "--workers", "2", "--dataset", "fineweb"]) == 0
     np.testing.assert_array_equal(all_tokens(tmp_path / "out"), reference_tokens(docs))
+    assert os.path.basename(shard_files(tmp_path / "out")[1]) == "fineweb_train_000001.npy"  # plain FineWeb's prefix
 
 
 def test_max_tokens_then_extend(corpus, reference_run, tmp_path, capsys):
@@ -241,7 +244,7 @@ def wait_in_main(self, *args):  # shard n begun, then wait for the test's Ctrl-C
 
 if mode == "mid_write":
     fineweb.ShardWriter.add = partial_add
-elif mode == "sigint":
+elif mode in ("sigint", "sigterm"):
     fineweb.ShardWriter.add = wait_in_main
 elif mode == "before_manifest":
     fineweb.save_manifest = late_manifest
@@ -251,10 +254,11 @@ sys.exit(fineweb.main(sys.argv[3:]))
 """
 
 
-@pytest.mark.parametrize("mode,n", [("mid_write", 3), ("before_manifest", 40), ("external", 25), ("sigint", 30)])
+@pytest.mark.parametrize("mode,n", [("mid_write", 3), ("before_manifest", 40), ("external", 25), ("sigint", 30),
+                                    ("sigterm", 20)])
 def test_kill_and_resume(corpus, reference_run, tmp_path, mode, n):
     """SIGKILL mid-run (inside the write of shard n, between shard n and its manifest entry, or from
-    outside while workers run) or Ctrl-C, then rerun: the same folder as an uninterrupted run.
+    outside while workers run), Ctrl-C or SIGTERM to the main process, then rerun: the same folder as an uninterrupted run.
     Shard 3 lies inside the long document; the others end in later row groups, which the rerun
     starts at instead of reading from the start."""
     driver = tmp_path / "driver.py"
@@ -264,18 +268,23 @@ def test_kill_and_resume(corpus, reference_run, tmp_path, mode, n):
     env = dict(os.environ, READY_FILE=str(tmp_path / "ready"))
     proc = subprocess.Popen([sys.executable, str(driver), mode, str(n), *args], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    if mode in ("external", "sigint"):
+    if mode in ("external", "sigint", "sigterm"):
         deadline = time.time() + 60
         while not os.path.exists(env["READY_FILE"]) and time.time() < deadline and proc.poll() is None:
             time.sleep(0.05)
         assert os.path.exists(env["READY_FILE"]), proc.stderr.read().decode()
-        os.killpg(proc.pid, signal.SIGINT if mode == "sigint" else signal.SIGKILL)
+        if mode == "sigterm":  # as `kill PID` or a stopping container sends it: to the main process only
+            os.kill(proc.pid, signal.SIGTERM)
+        else:
+            os.killpg(proc.pid, signal.SIGINT if mode == "sigint" else signal.SIGKILL)
     proc.wait(timeout=60)
     err = proc.stderr.read().decode()
-    if mode == "sigint":  # a clean stop: a message, exit 130, the unfinished shard removed
+    if mode in ("sigint", "sigterm"):  # a clean stop: a message, exit 130, the unfinished shard removed
         assert proc.returncode == 130 and "Traceback" not in err, err
         assert err.strip().splitlines()[-1].startswith("interrupted: "), err
         assert not glob.glob(os.path.join(out, "*.tmp"))
+        with pytest.raises(ProcessLookupError):
+            os.killpg(proc.pid, 0)  # no worker outlived the main process
     else:
         assert proc.returncode == -signal.SIGKILL, err
     # what the kill left: whole shards under final names, never a partial one
@@ -406,7 +415,8 @@ def hub_reachable():
 
 
 @pytest.mark.skipif(hub_reachable(), reason="the HF hub is reachable here; this checks the offline error")
-@pytest.mark.parametrize("dataset,name", [("fineweb-edu", "HuggingFaceFW/fineweb-edu"), ("fineweb", "HuggingFaceFW/fineweb")])
+@pytest.mark.parametrize("dataset,name", [("fineweb-edu", "HuggingFaceFW/fineweb-edu"),
+                                          ("fineweb", "HuggingFaceFW/fineweb")])
 def test_unreachable_hub(tmp_path, monkeypatch, dataset, name):
     """The real download path, up to the network call: it fails in one line and writes nothing."""
     import huggingface_hub.utils._http as http
@@ -423,28 +433,32 @@ def test_missing_text_column_script(tmp_path):
     pq.write_table(pa.table({"body": ["a", "b"], "id": ["1", "2"]}), tmp_path / "bad.parquet")
     result = run_script(["--local_files", str(tmp_path / "bad.parquet"), "--out_dir", str(tmp_path / "out")])
     assert result.returncode == 1
-    assert one_error_line(result.stderr) == f"error: {tmp_path / 'bad.parquet'} has no 'text' column (columns: body, id)"
+    expected = f"error: {tmp_path / 'bad.parquet'} has no 'text' column (columns: body, id)"
+    assert one_error_line(result.stderr) == expected
     assert not os.path.exists(tmp_path / "out")
 
 
-def test_missing_text_column_jsonl(tmp_path):
-    (tmp_path / "bad.jsonl").write_text('{"content": "x"}\n')
+def bad_jsonl(path):
+    path.write_text('{"content": "x"}\n')
+
+
+def int_text(path):
+    pq.write_table(pa.table({"text": [1, 2]}), path)
+
+
+@pytest.mark.parametrize("name,make,message", [
+    ("bad.jsonl", bad_jsonl, "{path} has no 'text' column (columns: content)"),
+    ("ints.parquet", int_text, "{path}: column 'text' holds int64, not strings"),
+    ("*.parquet", None, "no file matches {path}"),
+    ("notes.txt", lambda path: path.write_text("x"), "{path}: unsupported file type; use .parquet, .json or .jsonl"),
+])
+def test_bad_local_files(tmp_path, name, make, message):
+    if make:
+        make(tmp_path / name)
     with pytest.raises(SystemExit) as e:
-        fineweb.main(["--local_files", str(tmp_path / "bad.jsonl"), "--out_dir", str(tmp_path / "out")])
-    assert "has no 'text' column" in str(e.value.code)
-
-
-def test_text_column_not_strings(tmp_path):
-    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")
-    with pytest.raises(SystemExit) as e:
-        fineweb.main(["--local_files", str(tmp_path / "ints.parquet"), "--out_dir", str(tmp_path / "out")])
-    assert "column 'text' holds int64" in str(e.value.code)
-
-
-def test_no_matching_files(tmp_path):
-    with pytest.raises(SystemExit) as e:
-        fineweb.main(["--local_files", str(tmp_path / "*.parquet"), "--out_dir", str(tmp_path / "out")])
-    assert str(e.value.code) == f"error: no file matches {tmp_path / '*.parquet'}"
+        fineweb.main(["--local_files", str(tmp_path / name), "--out_dir", str(tmp_path / "out")])
+    assert e.value.code == "error: " + message.format(path=tmp_path / name)
+    assert not os.path.exists(tmp_path / "out")
 
 
 def test_unwritable_out_dir(corpus, tmp_path):
