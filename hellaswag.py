@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import json
 import os
-import sys
 import urllib.request
 
 import torch
@@ -27,7 +26,8 @@ import torch.distributed as dist
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from train_gpt2 import GPT, GPTConfig, UserError, autocast_dtype, gpt2_tokenizer, load_checkpoint, setup_device
+from train_gpt2 import (GPT, GPTConfig, UserError, autocast_dtype, gpt2_tokenizer, load_checkpoint, run_cli,
+                        setup_device)
 
 # where the hub keeps the auto-converted parquet of the dataset (the repo itself is a loading script)
 HUB_FILE = "datasets/Rowan/hellaswag/resolve/refs%2Fconvert%2Fparquet/default/validation/0000.parquet"
@@ -306,8 +306,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main)

@@ -727,9 +727,16 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
-if __name__ == "__main__":
+def run_cli(main):
+    """Run a script's main(): a UserError becomes one line on stderr and exit status 1, no traceback."""
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    # hellaswag.py imports train_gpt2: let it get this module, so its UserError is the one caught here
+    sys.modules.setdefault("train_gpt2", sys.modules[__name__])
+    run_cli(main)

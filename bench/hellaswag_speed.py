@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hellaswag  # noqa: E402
-from train_gpt2 import GPT, GPT2_SIZES, GPTConfig, UserError, autocast_dtype, gpt2_tokenizer  # noqa: E402
+from train_gpt2 import GPT, GPT2_SIZES, GPTConfig, UserError, autocast_dtype, gpt2_tokenizer, run_cli  # noqa: E402
 
 FULL = 10042  # examples in HellaSwag's validation split
 
@@ -143,8 +143,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main)

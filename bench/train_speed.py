@@ -94,11 +94,7 @@ def measure(name, args, device):
     mfu = f"{100 * tflops * 1e12 / peak:.1f}%" if peak else "n/a"
     print(f"{name:8s} {dt * 1000:9.1f} ms/step {tok_s:12,.0f} tok/s {tflops:7.1f} TFLOP/s  MFU {mfu:>6s}  "
           f"peak mem {mem:6.2f} GiB  losses {' '.join(f'{x:.4f}' for x in losses[:4])}")
-    del model, optimizer, compiled
-    gc.collect()
-    if device_type == "cuda":
-        torch.cuda.empty_cache()
-    return tok_s
+    return tok_s  # the model and optimizer go with this frame; main() frees their memory
 
 
 def main():
@@ -122,6 +118,9 @@ def main():
           f"compile={args.compile}, {'shards ' + args.data if args.data else 'random tokens'}")
     try:
         base = measure("baseline", args, args.device) if args.baseline else None
+        gc.collect()
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
         ours = measure("ours", args, args.device)
     except tg.UserError as e:
         sys.exit(f"error: {e}")

@@ -439,8 +439,6 @@ def test_trainer_logs_hella_from_this_code(tmp_path):
     assert hella[0][2] == f"{hellaswag.evaluate(model, EXAMPLES, 'cpu')['acc_norm']:.4f}"
 
 
-@pytest.mark.xfail(strict=True, reason="train_gpt2.py run as a script catches __main__.UserError, but hellaswag.py "
-                   "raises train_gpt2.UserError (a second copy of the module): needs the fix in train_gpt2.py")
 def test_trainer_script_prints_hellaswag_errors_in_one_line(tmp_path):
     text = tmp_path / "input.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
