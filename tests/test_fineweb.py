@@ -21,6 +21,7 @@ import pytest
 import tiktoken
 
 import fineweb
+from helpers import FullDisk
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "fineweb.py")
@@ -308,31 +309,6 @@ def test_kill_and_resume(corpus, reference_run, tmp_path, mode, n):
     # the rerun tokenized only the documents from the resumed row group on
     resumed = int(result.stdout.split(" documents")[0].split()[-1].replace(",", ""))
     assert resumed == len(corpus["docs"]) - kept[-1]["resume"]["doc"]
-
-
-class FullDisk:
-    """A file on a disk that fills up after `room` bytes."""
-
-    def __init__(self, path, room):
-        self.file, self.room = open(path, "wb"), room
-
-    def write(self, data):
-        data = memoryview(data).cast("B")
-        if len(data) > self.room:
-            self.file.write(data[:self.room])
-            self.room = 0
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self.room -= len(data)
-        return self.file.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self.file, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.file.close()
 
 
 @pytest.mark.parametrize("where", ["write", "fsync"])
