@@ -397,16 +397,24 @@ CHECKPOINT_NAME = re.compile(r"model_(\d+)\.pt$")
 
 def save_checkpoint(path, state):
     """Write to a temporary name, flush to disk, then rename: a crash never leaves half a checkpoint."""
+    bad = next((k for k, v in state["model"].items() if v.is_floating_point() and not v.isfinite().all()), None)
+    if bad is not None:
+        raise UserError(f"not writing {path}: its weight {bad} holds inf or NaN")
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        torch.save(state, tmp)
-        with open(tmp, "rb") as f:
+        with open(tmp, "wb") as f:  # a Python file, so a full disk is an OSError (torch.save(tmp) hides it)
+            torch.save(state, f)
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except (OSError, RuntimeError) as e:
+        cause = e if isinstance(e, OSError) else e.__context__  # torch.save may wrap the OSError
+        if not isinstance(cause, OSError):
+            raise
+        raise UserError(f"cannot write checkpoint {path}: {cause.strerror or cause}")
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
 
 
 def load_checkpoint(path):
@@ -424,16 +432,31 @@ def load_checkpoint(path):
     return ckpt
 
 
-def find_resume_checkpoint(log_dir, warn):
-    """The newest checkpoint in log_dir that loads, skipping broken ones; None if there is none."""
+def list_checkpoints(log_dir):
+    """[(step, path)] of the checkpoints in log_dir, oldest first."""
     found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(log_dir, "model_*.pt"))
              if (m := CHECKPOINT_NAME.search(os.path.basename(p)))]
-    for _, path in sorted(found, reverse=True):
+    return sorted(found)
+
+
+def find_resume_checkpoint(log_dir, warn):
+    """The newest checkpoint in log_dir that loads, skipping broken ones; None if there is none."""
+    found = list_checkpoints(log_dir)
+    for _, path in reversed(found):
         try:
             return load_checkpoint(path), path
         except UserError as e:
             warn(f"warning: skipping {e}")
+    if found:  # starting over would trim the log of a run whose checkpoints are all lost
+        raise UserError(f"no checkpoint in {log_dir}/ loads: start over with --overwrite, or pick one with --resume")
     return None, None
+
+
+def prune_checkpoints(log_dir, step, keep):
+    """--keep_checkpoints: keep the one at `step` and the keep - 1 newest before it (later ones are left)."""
+    older = [path for s, path in list_checkpoints(log_dir) if s < step]
+    for path in older[:max(len(older) - (keep - 1), 0)]:
+        os.remove(path)
 
 
 def trim_log(log_path, resume_step):
@@ -508,6 +531,7 @@ def parse_args(argv=None):
     a("--checkpoint_every", type=int, default=5000, help="checkpoint every N steps and at the end (0: end only)")
     a("--log_dir", default="log", help="log.txt and model_<step>.pt go here")
     a("--resume", default="none", help="'none', 'auto' (newest valid checkpoint in --log_dir) or a checkpoint path")
+    a("--keep_checkpoints", type=int, default=0, help="keep only the newest K checkpoints (0: keep all)")
     a("--overwrite", action="store_true", help="start fresh even if --log_dir holds an earlier run")
     a("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     a("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
@@ -520,7 +544,8 @@ def parse_args(argv=None):
     for name in ("batch_size", "seq_len", "total_batch_size", "max_steps", "val_steps", "num_samples"):
         if getattr(args, name) <= 0:
             p.error(f"--{name} must be positive")
-    for name in ("eval_every", "hellaswag_every", "sample_every", "checkpoint_every", "warmup_steps"):
+    for name in ("eval_every", "hellaswag_every", "sample_every", "checkpoint_every", "warmup_steps",
+                 "keep_checkpoints"):
         if getattr(args, name) < 0:
             p.error(f"--{name} must be 0 or more")
     return args
@@ -659,6 +684,8 @@ def main(argv=None):
     resumed = ckpt is not None
     if master:
         trim_log(log_path, start_step if resumed else -1)
+        for tmp in glob.glob(os.path.join(args.log_dir, "model_*.pt.tmp*")):
+            os.remove(tmp)  # half a checkpoint, left by a run killed while writing it
     del ckpt
 
     # compile and wrap. Evaluation runs the compiled module directly (same shapes as training, compiled
@@ -702,6 +729,8 @@ def main(argv=None):
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                     "step": step, "config": asdict(config), "seq_len": T, "loader": train_loader.state_dict(),
                     "rng": rng, "args": vars(args)})
+                if args.keep_checkpoints:
+                    prune_checkpoints(args.log_dir, step, args.keep_checkpoints)
         if last_step:
             break
 

@@ -1,0 +1,184 @@
+"""Faults: SIGKILL at chosen and random points, SIGTERM/SIGINT, a dead or hung rank, a full disk, divergence.
+
+The reference for an interrupted run is the same run uninterrupted: after resuming with --resume auto, its
+log must be the same file, every record to the last digit. Kill points are found from outside, by watching
+the log and the checkpoint folder, so the trainer carries no test hooks.
+"""
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train_gpt2
+from helpers import FAST, ROOT, FullDisk, ok, train
+from train_gpt2 import UserError
+
+# evaluations (8 val micro-batches, the slowest phase) and checkpoints every 2 steps, so every kind of kill
+# point comes round often
+FAULT = FAST + ["--max_steps", "20", "--eval_every", "2", "--val_steps", "8", "--checkpoint_every", "2"]
+DDP_FAULT = FAST + ["--max_steps", "12", "--eval_every", "2", "--val_steps", "4", "--checkpoint_every", "2"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def log_text(log_dir):
+    path = os.path.join(log_dir, "log.txt")
+    if not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        return f.read()
+
+
+def checkpoints(log_dir):
+    return [step for step, _ in train_gpt2.list_checkpoints(log_dir)]
+
+
+def checkpoint(log_dir, step):
+    """A checkpoint's state, without the flags of the run that wrote it (its --log_dir differs)."""
+    ckpt = torch.load(os.path.join(log_dir, f"model_{step:05d}.pt"), weights_only=True)
+    del ckpt["args"]
+    return ckpt
+
+
+def same_state(a, b):
+    """Equal to the last bit: tensors, and the dicts, lists and plain values around them."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def temporaries(log_dir):
+    return [name for name in os.listdir(log_dir) if ".pt.tmp" in name]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    log_dir = str(tmp_path_factory.mktemp("reference") / "log")
+    ok(train(FAULT + ["--log_dir", log_dir]))
+    return log_dir
+
+
+@pytest.fixture(scope="module")
+def ddp_reference(tmp_path_factory):
+    log_dir = str(tmp_path_factory.mktemp("ddp_reference") / "log")
+    ok(subprocess.run(TORCHRUN + ["train_gpt2.py", *DDP_FAULT, "--log_dir", log_dir], cwd=ROOT,
+                      capture_output=True, text=True, timeout=600))
+    return log_dir
+
+
+class Run:
+    """A training run in the background (its own process group), with its output in files."""
+
+    def __init__(self, cmd, out_dir, env=None):
+        self.out_dir = out_dir
+        self.stdout, self.stderr = open(os.path.join(out_dir, "stdout"), "w+"), open(os.path.join(out_dir, "stderr"), "w+")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.stdout, stderr=self.stderr, start_new_session=True,
+                                     env=dict(os.environ, **(env or {})))
+
+    def output(self):
+        self.stdout.seek(0)
+        self.stderr.seek(0)
+        return self.stdout.read(), self.stderr.read()
+
+    def wait_until(self, condition, timeout=300):
+        """Poll every 2 ms; fail if the run ends first (a kill after the end would prove nothing)."""
+        deadline = time.time() + timeout
+        while not condition():
+            assert self.proc.poll() is None, f"the run ended before the kill point: {self.output()}"
+            assert time.time() < deadline, "the kill point never came"
+            time.sleep(0.002)
+
+    def kill(self, sig=signal.SIGKILL, pid=None, group=False):
+        (os.killpg if group else os.kill)(pid or self.proc.pid, sig)
+
+    def wait(self, timeout=120):
+        self.proc.wait(timeout=timeout)
+        return self.proc.returncode
+
+
+def lines_reached(log_dir, n):
+    return lambda: log_text(log_dir).count("\n") >= n
+
+
+def record_index(reference_log, step, kind):
+    """Position of a record in the reference log: how many lines the log holds once it is written."""
+    lines = reference_log.splitlines()
+    return next(i for i, line in enumerate(lines) if line.split()[:2] == [str(step), kind]) + 1
+
+
+# -----------------------------------------------------------------------------
+# A full disk while a checkpoint is written: an error, the previous checkpoint intact, no half file
+
+@pytest.mark.parametrize("where", ["write", "fsync"])
+def test_full_disk_while_checkpointing(tmp_path, reference, monkeypatch, capsys, where):
+    log_dir = str(tmp_path / "log")
+    target = os.path.join(log_dir, "model_00004.pt.tmp")
+    before = {}
+    real_open, real_fsync = open, os.fsync
+
+    def snapshot():
+        with real_open(os.path.join(log_dir, "model_00002.pt"), "rb") as f:
+            before["model_00002.pt"] = f.read()
+
+    def full_open(path, mode="r", *a, **k):
+        if str(path).startswith(target) and where == "write":
+            snapshot()
+            return FullDisk(path, 100_000)
+        return real_open(path, mode, *a, **k)
+
+    def full_fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(target):
+            snapshot()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(train_gpt2, "open", full_open, raising=False)
+    monkeypatch.setattr(os, "fsync", full_fsync)
+    args = FAULT + ["--log_dir", log_dir, "--device", "cpu"]
+    with pytest.raises(SystemExit) as e:
+        train_gpt2.run_cli(lambda: train_gpt2.main(args))
+    monkeypatch.undo()
+    assert e.value.code == 1
+    assert capsys.readouterr().err == f"error: cannot write checkpoint {log_dir}/model_00004.pt: No space left on device\n"
+    assert sorted(os.listdir(log_dir)) == ["log.txt", "model_00002.pt"]  # no half file, under any name
+    with open(os.path.join(log_dir, "model_00002.pt"), "rb") as f:
+        assert f.read() == before["model_00002.pt"]
+    train_gpt2.main(args + ["--resume", "auto"])  # space again: the run goes on from step 2
+    assert log_text(log_dir) == log_text(reference)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints of non-finite weights
+
+def test_a_checkpoint_of_nonfinite_weights_is_never_written(tmp_path):
+    path = tmp_path / "model_00005.pt"
+    path.write_bytes(b"an earlier checkpoint")
+    weights = {"a": torch.ones(3), "b": torch.tensor([1.0, float("nan")]), "steps": torch.tensor([1])}
+    with pytest.raises(UserError, match=r"not writing .*model_00005.pt: its weight b holds inf or NaN"):
+        train_gpt2.save_checkpoint(str(path), {"model": weights, "step": 5})
+    assert os.listdir(tmp_path) == ["model_00005.pt"] and path.read_bytes() == b"an earlier checkpoint"
+
+
+# -----------------------------------------------------------------------------
+# --keep_checkpoints
+
+def test_keep_checkpoints_deletes_only_older_ones(tmp_path):
+    for step in range(1, 7):
+        (tmp_path / f"model_{step:05d}.pt").write_bytes(b"x")
+    (tmp_path / "model_00007.pt.tmp123").write_bytes(b"x")
+    (tmp_path / "log.txt").write_text("")
+    train_gpt2.prune_checkpoints(str(tmp_path), 4, 2)
+    # the one just written (4) and the newest before it stay; 5 and 6, from a run resumed at an older
+    # checkpoint, are later and left alone; other files are not touched
+    assert sorted(os.listdir(tmp_path)) == ["log.txt", "model_00003.pt", "model_00004.pt", "model_00005.pt",
+                                            "model_00006.pt", "model_00007.pt.tmp123"]
+    train_gpt2.prune_checkpoints(str(tmp_path), 6, 1)
+    assert checkpoints(str(tmp_path)) == [6]
