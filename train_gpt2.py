@@ -329,8 +329,11 @@ def get_lr(step, max_lr, min_lr, warmup_steps, max_steps):
     return min_lr + coeff * (max_lr - min_lr)
 
 
-def train_step(model, optimizer, loader, grad_accum_steps, lr, amp, scaler, grad_clip, device):
-    """One optimizer step over grad_accum_steps micro-batches; returns (mean loss, grad norm) as tensors."""
+def train_step(model, optimizer, loader, grad_accum_steps, lr, amp, scaler, grad_clip, device, skip_nonfinite=False):
+    """One optimizer step over grad_accum_steps micro-batches; returns (mean loss, grad norm) as tensors.
+
+    skip_nonfinite leaves the weights and optimizer untouched when the step diverged (see nonfinite);
+    deciding that before the update costs a host sync, so it is only done when asked for."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
@@ -352,9 +355,18 @@ def train_step(model, optimizer, loader, grad_accum_steps, lr, amp, scaler, grad
         loss_accum /= dist.get_world_size()
     scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    scaler.step(optimizer)
+    if not (skip_nonfinite and nonfinite(loss_accum, norm, scaler)):
+        scaler.step(optimizer)
     scaler.update()
     return loss_accum, norm
+
+
+def nonfinite(loss, norm, scaler):
+    """Did a step diverge: is its loss or grad norm inf or NaN? (floats, or tensors at the cost of a sync)
+
+    Under fp16 an inf grad norm is the GradScaler's routine overflow: it skips that update and lowers its
+    scale by itself. So with the scaler on, only a non-finite loss counts."""
+    return not math.isfinite(loss) or (not scaler.is_enabled() and not math.isfinite(norm))
 
 
 @torch.no_grad()
@@ -532,6 +544,7 @@ def parse_args(argv=None):
     a("--log_dir", default="log", help="log.txt and model_<step>.pt go here")
     a("--resume", default="none", help="'none', 'auto' (newest valid checkpoint in --log_dir) or a checkpoint path")
     a("--keep_checkpoints", type=int, default=0, help="keep only the newest K checkpoints (0: keep all)")
+    a("--skip_nonfinite", action="store_true", help="skip an update whose loss or grad norm is inf/NaN (default: stop)")
     a("--overwrite", action="store_true", help="start fresh even if --log_dir holds an earlier run")
     a("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     a("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
@@ -738,8 +751,13 @@ def main(argv=None):
         t0 = time.time()
         lr = get_lr(step, args.max_lr, args.min_lr, args.warmup_steps, args.max_steps)
         loss, norm = train_step(train_model, optimizer, train_loader, grad_accum_steps, lr, amp, scaler,
-                                args.grad_clip, device)
+                                args.grad_clip, device, args.skip_nonfinite)
         loss, norm = loss.item(), norm.item()  # the one host sync per step
+        if nonfinite(loss, norm, scaler):
+            if not args.skip_nonfinite:  # these weights are never saved: the last checkpoint is the way back
+                raise UserError(f"step {step}: loss {loss}, grad norm {norm}: training diverged and stops here; "
+                                "resume with --resume auto and a lower --max_lr, or add --skip_nonfinite")
+            say(f"warning: step {step}: loss {loss}, grad norm {norm}: update skipped (--skip_nonfinite)")
         dt = time.time() - t0
         if step > start_step:  # the first step includes compilation
             train_time, timed_steps = train_time + dt, timed_steps + 1

@@ -4,6 +4,7 @@ The reference for an interrupted run is the same run uninterrupted: after resumi
 log must be the same file, every record to the last digit. Kill points are found from outside, by watching
 the log and the checkpoint folder, so the trainer carries no test hooks.
 """
+import contextlib
 import errno
 import os
 import signal
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 import train_gpt2
-from helpers import FAST, ROOT, FullDisk, ok, train
+from helpers import FAST, ROOT, FullDisk, ok, records, train
 from train_gpt2 import UserError
 
 # evaluations (8 val micro-batches, the slowest phase) and checkpoints every 2 steps, so every kind of kill
@@ -156,7 +157,34 @@ def test_full_disk_while_checkpointing(tmp_path, reference, monkeypatch, capsys,
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints of non-finite weights
+# Divergence: stop naming the step, or skip the update; never a checkpoint of non-finite weights
+
+DIVERGE = FAST + ["--max_lr", "1e30", "--max_steps", "4", "--checkpoint_every", "1", "--eval_every", "0"]
+
+
+def test_nonfinite_loss_stops_the_run_without_saving_it(tmp_path):
+    # a learning rate of 1e30 gives weights near 1e29 after step 0, and inf/NaN activations in step 1
+    log_dir = str(tmp_path / "log")
+    r = train(DIVERGE + ["--log_dir", log_dir])
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: step 1: loss nan, grad norm nan: training diverged") and r.stderr.count("\n") == 1
+    assert sorted(os.listdir(log_dir)) == ["log.txt", "model_00001.pt"]
+    assert [(s, k) for s, k, _ in records(log_dir)] == [(0, "train")]
+    weights = torch.load(os.path.join(log_dir, "model_00001.pt"), weights_only=True)["model"]
+    assert all(v.isfinite().all() for v in weights.values())
+
+
+def test_skip_nonfinite_leaves_weights_and_optimizer_untouched(tmp_path):
+    log_dir = str(tmp_path / "log")
+    r = ok(train(DIVERGE + ["--log_dir", log_dir, "--skip_nonfinite"]))
+    assert [line for line in r.stdout.splitlines() if line.startswith("warning")] == [
+        f"warning: step {s}: loss nan, grad norm nan: update skipped (--skip_nonfinite)" for s in (1, 2, 3)]
+    assert [(s, k) for s, k, _ in records(log_dir)] == [(s, "train") for s in range(4)]
+    # steps 1-3 were skipped: the state after step 0, except that the loader moved on
+    one, four = checkpoint(log_dir, 1), checkpoint(log_dir, 4)
+    assert same_state(one["model"], four["model"]) and same_state(one["optimizer"]["state"], four["optimizer"]["state"])
+    assert one["loader"] != four["loader"]
+
 
 def test_a_checkpoint_of_nonfinite_weights_is_never_written(tmp_path):
     path = tmp_path / "model_00005.pt"
@@ -165,6 +193,38 @@ def test_a_checkpoint_of_nonfinite_weights_is_never_written(tmp_path):
     with pytest.raises(UserError, match=r"not writing .*model_00005.pt: its weight b holds inf or NaN"):
         train_gpt2.save_checkpoint(str(path), {"model": weights, "step": 5})
     assert os.listdir(tmp_path) == ["model_00005.pt"] and path.read_bytes() == b"an earlier checkpoint"
+
+
+def test_fp16_overflow_is_the_scalers_business():
+    """With a GradScaler an inf grad norm is routine overflow: the scaler skips the update and halves its scale;
+    the run neither stops nor counts it. A non-finite loss counts with or without the scaler."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127)  # the scaled loss overflows float32
+    before = [p.detach().clone() for p in model.parameters()]
+
+    class Loader:
+        def next_batch(self):
+            return torch.ones(2, 4), torch.full((2, 1), 1000.0)  # gradients of ~1000 x 2**127: inf
+
+    class MSE(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = model
+
+        def forward(self, x, y):
+            return None, torch.nn.functional.mse_loss(self.linear(x), y)
+
+    loss, norm = train_gpt2.train_step(MSE(), optimizer, Loader(), 1, 0.1, contextlib.nullcontext(), scaler, 1.0, "cpu",
+                                       skip_nonfinite=True)
+    assert torch.isfinite(loss) and not torch.isfinite(norm)
+    assert not train_gpt2.nonfinite(loss.item(), norm.item(), scaler)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the scaler skipped it
+    assert scaler.get_scale() == 2.0 ** 126
+    assert train_gpt2.nonfinite(float("nan"), 1.0, scaler)
+    disabled = torch.amp.GradScaler("cpu", enabled=False)
+    assert train_gpt2.nonfinite(1.0, float("inf"), disabled) and not train_gpt2.nonfinite(1.0, 2.0, disabled)
 
 
 # -----------------------------------------------------------------------------
