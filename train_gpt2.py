@@ -16,9 +16,11 @@ import glob
 import math
 import os
 import re
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -471,11 +473,13 @@ def prune_checkpoints(log_dir, step, keep):
         os.remove(path)
 
 
-def trim_log(log_path, resume_step):
+def trim_log(log_path, resume_step, evals_done=True):
     """Drop the records a stopped run wrote after its checkpoint at resume_step, so they are not doubled.
 
     The checkpoint at step s is written after step s's evaluations and before its training step, so
     records of earlier steps and the evaluations of step s stay; the rest is rewritten atomically.
+    A checkpoint written on SIGTERM/SIGINT comes before its step's evaluations (evals_done False):
+    those are redone, so their records go too.
     """
     if not os.path.exists(log_path):
         return
@@ -486,7 +490,7 @@ def trim_log(log_path, resume_step):
         fields = line.split()
         if len(fields) == 3 and fields[0].isdigit():
             step = int(fields[0])
-            if step > resume_step or (step == resume_step and fields[1] == "train"):
+            if step > resume_step or (step == resume_step and (fields[1] == "train" or not evals_done)):
                 continue
         kept.append(line + "\n")
     with open(log_path + ".tmp", "w") as f:
@@ -545,6 +549,7 @@ def parse_args(argv=None):
     a("--resume", default="none", help="'none', 'auto' (newest valid checkpoint in --log_dir) or a checkpoint path")
     a("--keep_checkpoints", type=int, default=0, help="keep only the newest K checkpoints (0: keep all)")
     a("--skip_nonfinite", action="store_true", help="skip an update whose loss or grad norm is inf/NaN (default: stop)")
+    a("--dist_timeout", type=float, default=600, help="seconds a rank waits for the others before the job fails")
     a("--overwrite", action="store_true", help="start fresh even if --log_dir holds an earlier run")
     a("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     a("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
@@ -554,7 +559,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.min_lr is None:
         args.min_lr = args.max_lr / 10
-    for name in ("batch_size", "seq_len", "total_batch_size", "max_steps", "val_steps", "num_samples"):
+    for name in ("batch_size", "seq_len", "total_batch_size", "max_steps", "val_steps", "num_samples", "dist_timeout"):
         if getattr(args, name) <= 0:
             p.error(f"--{name} must be positive")
     for name in ("eval_every", "hellaswag_every", "sample_every", "checkpoint_every", "warmup_steps",
@@ -589,8 +594,10 @@ def batch_plan(total, B, T, world):
                     f"= {per_micro} tokens: {hint}")
 
 
-def setup_device(device_arg):
-    """(rank, local_rank, world_size, device); under torchrun also joins the process group."""
+def setup_device(device_arg, timeout=600):
+    """(rank, local_rank, world_size, device); under torchrun also joins the process group.
+
+    A collective that waits longer than `timeout` seconds (a rank died or hangs) fails the job."""
     if device_arg == "auto":
         device_arg = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
     if device_arg.startswith("cuda") and not torch.cuda.is_available():
@@ -601,7 +608,8 @@ def setup_device(device_arg):
     if device_arg.startswith("cuda"):
         device_arg = f"cuda:{local_rank}"  # one GPU per process
         torch.cuda.set_device(device_arg)
-    dist.init_process_group(backend="nccl" if device_arg.startswith("cuda") else "gloo")
+    dist.init_process_group(backend="nccl" if device_arg.startswith("cuda") else "gloo",
+                            timeout=timedelta(seconds=timeout))
     return rank, local_rank, world, device_arg
 
 
@@ -618,9 +626,20 @@ def autocast_dtype(dtype_arg, device_type):
 # -----------------------------------------------------------------------------
 # main: set up, then the loop
 
+# SIGTERM (what preemption sends) and SIGINT (Ctrl-C) during training ask the loop to finish its step, write
+# a checkpoint and exit 0; before training starts there is nothing to save, so they stop at once
+STOP = {"armed": False, "signal": None}
+
+
+def request_stop(signum, frame):
+    if not STOP["armed"]:
+        raise KeyboardInterrupt
+    STOP["signal"] = signal.Signals(signum).name
+
+
 def main(argv=None):
     args = parse_args(argv)
-    rank, local_rank, world, device = setup_device(args.device)
+    rank, local_rank, world, device = setup_device(args.device, args.dist_timeout)
     master = rank == 0
     device_type = device.split(":")[0]
     say = print if master else (lambda *a, **k: None)
@@ -666,7 +685,7 @@ def main(argv=None):
     # resume, or start a fresh run
     os.makedirs(args.log_dir, exist_ok=True)
     log_path = os.path.join(args.log_dir, "log.txt")
-    start_step, ckpt, ckpt_path = 0, None, None
+    start_step, evals_done, ckpt, ckpt_path = 0, True, None, None
     if args.resume == "auto":
         ckpt, ckpt_path = find_resume_checkpoint(args.log_dir, say)
     elif args.resume != "none":
@@ -684,7 +703,7 @@ def main(argv=None):
         torch.set_rng_state(ckpt["rng"]["cpu"])
         if device_type == "cuda" and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-        start_step = ckpt["step"]
+        start_step, evals_done = ckpt["step"], ckpt.get("evals_done", True)
         say(f"resuming from {ckpt_path} at step {start_step}")
     elif args.resume == "none":
         earlier = glob.glob(os.path.join(args.log_dir, "model_*.pt"))
@@ -696,7 +715,7 @@ def main(argv=None):
                 os.remove(path)  # --overwrite: they would be mistaken for this run's checkpoints
     resumed = ckpt is not None
     if master:
-        trim_log(log_path, start_step if resumed else -1)
+        trim_log(log_path, start_step if resumed else -1, evals_done)
         for tmp in glob.glob(os.path.join(args.log_dir, "model_*.pt.tmp*")):
             os.remove(tmp)  # half a checkpoint, left by a run killed while writing it
     del ckpt
@@ -715,11 +734,13 @@ def main(argv=None):
     flops_per_step = model.flops_per_token(T) * args.total_batch_size
     peak = peak_flops(device_type)
     train_time, timed_steps = 0.0, 0
+    STOP["armed"], stop = True, False
     for step in range(start_step, args.max_steps + 1):
         last_step = step == args.max_steps
         due = lambda every: every > 0 and (step % every == 0 or last_step)  # noqa: E731
-        # a resumed run's checkpoint was written after this step's evaluations: they are in the log already
-        if not (resumed and step == start_step):
+        first = resumed and step == start_step  # this step's checkpoint is the one we resumed from
+        # its evaluations are in the log already, unless it was written on a stop signal (before them)
+        if not (first and evals_done) and not stop:
             if val_loader is not None and due(args.eval_every):
                 val_loss = evaluate_loss(compiled, val_loader, args.val_steps, amp, device)
                 say(f"validation loss: {val_loss:.4f}")
@@ -734,17 +755,21 @@ def main(argv=None):
                                 device, generator, amp, enc.n_vocab)
                 for i, row in enumerate(rows):
                     print(f"rank {rank} sample {i}: {enc.decode(row)}")
-            if master and step > 0 and (last_step or (args.checkpoint_every and step % args.checkpoint_every == 0)):
-                rng = {"cpu": torch.get_rng_state()}
-                if device_type == "cuda":
-                    rng["cuda"] = torch.cuda.get_rng_state()
-                save_checkpoint(os.path.join(args.log_dir, f"model_{step:05d}.pt"), {
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                    "step": step, "config": asdict(config), "seq_len": T, "loader": train_loader.state_dict(),
-                    "rng": rng, "args": vars(args)})
-                if args.keep_checkpoints:
-                    prune_checkpoints(args.log_dir, step, args.keep_checkpoints)
-        if last_step:
+        path = os.path.join(args.log_dir, f"model_{step:05d}.pt")
+        if master and step > 0 and not first and (stop or last_step or due(args.checkpoint_every)):
+            rng = {"cpu": torch.get_rng_state()}
+            if device_type == "cuda":
+                rng["cuda"] = torch.cuda.get_rng_state()
+            save_checkpoint(path, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "step": step, "config": asdict(config), "seq_len": T, "loader": train_loader.state_dict(),
+                "rng": rng, "args": vars(args), "evals_done": not stop})
+            if args.keep_checkpoints:
+                prune_checkpoints(args.log_dir, step, args.keep_checkpoints)
+        if stop:
+            say(f"stopped at step {step} by {STOP['signal'] or 'a signal to another rank'}; checkpoint {path}; "
+                "resume with --resume auto")
+        if last_step or stop:
             break
 
         # one optimizer step
@@ -752,7 +777,11 @@ def main(argv=None):
         lr = get_lr(step, args.max_lr, args.min_lr, args.warmup_steps, args.max_steps)
         loss, norm = train_step(train_model, optimizer, train_loader, grad_accum_steps, lr, amp, scaler,
                                 args.grad_clip, device, args.skip_nonfinite)
-        loss, norm = loss.item(), norm.item()  # the one host sync per step
+        # a stop signal to any rank stops all of them after the same step: one tiny all-reduce, read below
+        stop = torch.full((), float(STOP["signal"] is not None), device=device)
+        if dist.is_initialized():
+            dist.all_reduce(stop)
+        loss, norm, stop = torch.stack([loss, norm, stop]).tolist()  # the one host sync per step
         if nonfinite(loss, norm, scaler):
             if not args.skip_nonfinite:  # these weights are never saved: the last checkpoint is the way back
                 raise UserError(f"step {step}: loss {loss}, grad norm {norm}: training diverged and stops here; "
@@ -775,15 +804,28 @@ def main(argv=None):
 
 
 def run_cli(main):
-    """Run a script's main(): a UserError becomes one line on stderr and exit status 1, no traceback."""
+    """Run a script's main(): a UserError, an OSError (a full disk, ...) or a lost rank becomes one line on
+    stderr and exit status 1, no traceback; an interrupt before training starts exits with 130."""
     try:
         main()
-    except UserError as e:
+    except (UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except RuntimeError as e:  # gloo reports a dead or hung peer as a plain RuntimeError
+        if not (dist.is_initialized() and (isinstance(e, dist.DistError) or "gloo" in str(e))):
+            raise
+        why = re.sub(r"^\[[^]]*\] *", "", str(e).strip()).split(". ")[0]
+        print(f"error: rank {dist.get_rank()} lost the other ranks ({why}): one of them died or hangs, see its "
+              "output; resume with --resume auto", file=sys.stderr)
         sys.exit(1)
 
 
 if __name__ == "__main__":
     # hellaswag.py imports train_gpt2: let it get this module, so its UserError is the one caught here
     sys.modules.setdefault("train_gpt2", sys.modules[__name__])
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, request_stop)
     run_cli(main)

@@ -7,7 +7,9 @@ the log and the checkpoint folder, so the trainer carries no test hooks.
 import contextlib
 import errno
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -113,6 +115,144 @@ def record_index(reference_log, step, kind):
     """Position of a record in the reference log: how many lines the log holds once it is written."""
     lines = reference_log.splitlines()
     return next(i for i, line in enumerate(lines) if line.split()[:2] == [str(step), kind]) + 1
+
+
+# -----------------------------------------------------------------------------
+# SIGKILL at chosen and random points, resumed each time: the run of an uninterrupted process
+
+def test_killed_again_and_again_resumes_to_the_uninterrupted_run(tmp_path, reference):
+    """One run killed five times (in an evaluation, while a checkpoint is written, in a training step, and at
+    two random points), each time resumed with --resume auto, keeping 2 checkpoints: its log and final
+    checkpoint are the uninterrupted run's."""
+    log_dir = str(tmp_path / "log")
+    ref_log = log_text(reference)
+    rng = random.Random(7)
+    random_points = sorted(rng.sample(range(record_index(ref_log, 12, "train"), record_index(ref_log, 16, "train")), 2))
+    kills = [("eval", record_index(ref_log, 3, "train")),  # then step 4's val loss is being computed
+             ("checkpoint", 8),                            # the temporary file of model_00008.pt exists
+             ("step", record_index(ref_log, 10, "train")),  # then step 11 (no eval, no checkpoint) is running
+             *[("random", n) for n in random_points]]
+    args = FAULT + ["--log_dir", log_dir, "--keep_checkpoints", "2"]
+    for i, (where, at) in enumerate(kills):
+        run_dir = tmp_path / f"run{i}"
+        run_dir.mkdir()
+        run = Run([sys.executable, "train_gpt2.py", *args, "--resume", "auto"], str(run_dir))
+        if where == "checkpoint":
+            tmp_name = f"model_{at:05d}.pt.tmp{run.proc.pid}"
+            run.wait_until(lambda: os.path.exists(os.path.join(log_dir, tmp_name)))
+        else:
+            run.wait_until(lines_reached(log_dir, at))
+            if where == "random":
+                time.sleep(rng.uniform(0, 0.3))
+        run.kill()
+        assert run.wait() == -signal.SIGKILL  # it was alive when the kill came
+        assert 20 not in checkpoints(log_dir)
+        if where in ("eval", "step"):  # nothing was logged between the record watched for and the kill
+            assert log_text(log_dir).count("\n") == at
+        if where == "checkpoint":  # killed mid-write: half a file, under its temporary name only
+            assert temporaries(log_dir) == [tmp_name] and at not in checkpoints(log_dir)
+    ok(train(args + ["--resume", "auto"]))
+    assert log_text(log_dir) == ref_log
+    assert same_state(*(checkpoint(d, 20) for d in (reference, log_dir)))
+    assert checkpoints(log_dir) == [18, 20] and temporaries(log_dir) == []
+
+
+def worker_pid(torchrun_pid, rank):
+    """The pid of one rank's process under torchrun, found by the RANK in its environment."""
+    for task in os.listdir(f"/proc/{torchrun_pid}/task"):
+        with open(f"/proc/{torchrun_pid}/task/{task}/children") as f:
+            for child in f.read().split():
+                with open(f"/proc/{child}/environ", "rb") as env:
+                    if f"RANK={rank}".encode() in env.read().split(b"\0"):
+                        return int(child)
+    raise AssertionError(f"no rank {rank} under torchrun {torchrun_pid}")
+
+
+def test_two_ranks_killed_and_stopped_resume_to_the_uninterrupted_run(tmp_path, ddp_reference):
+    """Under torchrun with 2 ranks: rank 1 killed in a step (torchrun ends the job, non-zero), Ctrl-C to the
+    whole process group (both ranks stop after the same step and save), everything killed while the master
+    writes a checkpoint; resumed each time, the log is the uninterrupted 2-rank run's."""
+    log_dir = str(tmp_path / "log")
+    ref_log = log_text(ddp_reference)
+    cmd = TORCHRUN + ["train_gpt2.py", *DDP_FAULT, "--log_dir", log_dir, "--resume", "auto"]
+
+    run = Run(cmd, str(tmp_path))
+    run.wait_until(lines_reached(log_dir, record_index(ref_log, 4, "train")))  # rank 1 is in step 5
+    run.kill(pid=worker_pid(run.proc.pid, 1))
+    assert run.wait(timeout=90) != 0
+    assert 12 not in checkpoints(log_dir)
+
+    run = Run(cmd, str(tmp_path))
+    run.wait_until(lines_reached(log_dir, record_index(ref_log, 6, "train")))  # in step 7: stops at 8
+    run.kill(signal.SIGINT, group=True)
+    run.wait()
+    out, err = run.output()
+    assert f"stopped at step 8 by SIGINT; checkpoint {log_dir}/model_00008.pt; resume with --resume auto" in out, err
+    assert log_text(log_dir) == ref_log[:ref_log.index("\n8 val")] + "\n"
+    assert torch.load(os.path.join(log_dir, "model_00008.pt"), weights_only=True)["evals_done"] is False
+
+    run = Run(cmd, str(tmp_path))
+    run.wait_until(lambda: any(name.startswith("model_00010.pt.tmp") for name in os.listdir(log_dir)))
+    run.kill(group=True)
+    assert run.wait() == -signal.SIGKILL and 10 not in checkpoints(log_dir)
+
+    ok(subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600))
+    assert log_text(log_dir) == ref_log
+
+
+# -----------------------------------------------------------------------------
+# SIGTERM: finish the step, save, exit 0; the checkpoint is the one a scheduled checkpoint would be
+
+def test_sigterm_saves_after_the_step_and_resumes_exactly(tmp_path, reference):
+    log_dir = str(tmp_path / "log")
+    ref_log = log_text(reference)
+    run = Run([sys.executable, "train_gpt2.py", *FAULT, "--log_dir", log_dir], str(tmp_path))
+    run.wait_until(lines_reached(log_dir, record_index(ref_log, 6, "train")))  # in step 7
+    run.kill(signal.SIGTERM)
+    assert run.wait() == 0
+    out, err = run.output()
+    assert out.splitlines()[-1] == f"stopped at step 8 by SIGTERM; checkpoint {log_dir}/model_00008.pt; " \
+                                   "resume with --resume auto" and err == ""
+    # step 8's evaluations were not run: the checkpoint says so, and the log stops at step 7's record
+    assert log_text(log_dir) == ref_log[:ref_log.index("\n8 val")] + "\n"
+    ours, regular = checkpoint(log_dir, 8), checkpoint(reference, 8)
+    assert ours.pop("evals_done") is False and regular.pop("evals_done") is True
+    assert same_state(ours, regular)  # model, optimizer, loader, RNG: the state a scheduled checkpoint holds
+    r = ok(train(FAULT + ["--log_dir", log_dir, "--resume", "auto"]))
+    assert "resuming from" in r.stdout and "validation loss" in r.stdout.split("step     8 |")[0]  # step 8's evals
+    assert log_text(log_dir) == ref_log
+
+
+# -----------------------------------------------------------------------------
+# A rank that dies or hangs ends the job within the collective timeout, with a message
+
+@pytest.mark.parametrize("fault", ["killed", "hung"])
+def test_a_dead_or_hung_rank_ends_the_job(tmp_path, fault):
+    """Two ranks started by hand (as a cluster scheduler would, without torchrun to clean up): when rank 1 is
+    killed, or stopped so it hangs, rank 0 exits 1 with a one-line message, within --dist_timeout."""
+    log_dir = str(tmp_path / "log")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "train_gpt2.py", *FAULT, "--log_dir", log_dir, "--dist_timeout", "5"]
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    ranks = []
+    for rank in (0, 1):
+        (tmp_path / f"rank{rank}").mkdir()
+        ranks.append(Run(cmd, str(tmp_path / f"rank{rank}"), dict(env, RANK=str(rank), LOCAL_RANK=str(rank))))
+    try:
+        ranks[0].wait_until(lines_reached(log_dir, 4))
+        ranks[1].kill(signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
+        t0 = time.time()
+        assert ranks[0].wait(timeout=120) == 1
+        waited = time.time() - t0
+    finally:
+        ranks[1].kill(signal.SIGKILL)
+        ranks[1].wait()
+    out, err = ranks[0].output()
+    assert err.strip().splitlines()[-1].startswith("error: rank 0 lost the other ranks (") and "Traceback" not in err
+    assert waited < 60  # bounded by --dist_timeout (5 s), plus start-up slack; never a hang
+    assert 20 not in checkpoints(log_dir)
 
 
 # -----------------------------------------------------------------------------
