@@ -513,10 +513,14 @@ def peak_flops(device_type):
 # -----------------------------------------------------------------------------
 # Command line: the defaults are the lecture's recipe for GPT-2 (124M) on 10B tokens
 
+def usage_error(message):
+    sys.exit(f"error: {message} (see --help)")  # argparse's error, in one line rather than the usage text
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train GPT-2 (lecture recipe by default).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.error = lambda message: sys.exit(f"error: {message} (see --help)")  # one line, not the usage text
+    p.error = usage_error
     a = p.add_argument
     a("--data", default="edu_fineweb10B", help="folder of *_train_*/*_val_*.npy shards, or a text file (90/10 split)")
     a("--model", default="gpt2", help=f"architecture to train from scratch: {', '.join(GPT2_SIZES)}")
@@ -559,13 +563,21 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.min_lr is None:
         args.min_lr = args.max_lr / 10
-    for name in ("batch_size", "seq_len", "total_batch_size", "max_steps", "val_steps", "num_samples", "dist_timeout"):
-        if getattr(args, name) <= 0:
+    for name in ("batch_size", "seq_len", "total_batch_size", "max_steps", "val_steps", "num_samples", "dist_timeout",
+                 "n_layer", "n_head", "n_embd", "block_size"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             p.error(f"--{name} must be positive")
     for name in ("eval_every", "hellaswag_every", "sample_every", "checkpoint_every", "warmup_steps",
-                 "keep_checkpoints"):
+                 "keep_checkpoints", "seed"):
         if getattr(args, name) < 0:
             p.error(f"--{name} must be 0 or more")
+    for name in ("max_lr", "min_lr", "weight_decay", "grad_clip"):
+        if not 0 <= getattr(args, name) < math.inf:  # NaN fails this too
+            p.error(f"--{name} must be a finite number, 0 or more")
+    if args.vocab_size < 50257:
+        p.error("--vocab_size must hold the GPT-2 tokenizer's 50257 tokens")
+    if args.sample_every and not args.sample_prompt:
+        p.error("--sample_prompt is empty")
     return args
 
 
@@ -600,8 +612,12 @@ def setup_device(device_arg, timeout=600):
     A collective that waits longer than `timeout` seconds (a rank died or hangs) fails the job."""
     if device_arg == "auto":
         device_arg = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
-    if device_arg.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device_arg}: no CUDA GPU is visible")
+    kind, _, index = device_arg.partition(":")
+    count = {"cpu": 1, "mps": int(torch.backends.mps.is_available()), "cuda": torch.cuda.device_count()}.get(kind)
+    if count is None or not (index.isdigit() or index == ""):
+        raise UserError(f"--device {device_arg}: use auto, cpu, cuda, cuda:N or mps")
+    if int(index or 0) >= count:
+        raise UserError(f"--device {device_arg}: no such device here (PyTorch sees {count} {kind} device(s))")
     if "RANK" not in os.environ:
         return 0, 0, 1, device_arg
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])

@@ -365,22 +365,7 @@ def test_default_out_dir(argv, out_dir):
     assert fineweb.parse_args(argv).out_dir == out_dir
 
 
-# ----------------------------------------------------------------------------- bad input
-
-@pytest.mark.parametrize("argv,words", [
-    (["--dataset", "c4"], "unknown --dataset 'c4'"),
-    (["--remote_name", "sample-banana"], "unknown --remote_name 'sample-banana'"),
-    (["--shard_size", "1.5"], "--shard_size"),
-    (["--max_tokens", "0"], "--max_tokens"),
-])
-def test_bad_arguments(argv, words, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as e:
-        fineweb.main(argv)
-    assert e.value.code == 2
-    assert words in one_error_line(capsys.readouterr().err)
-    assert os.listdir(tmp_path) == []  # rejected before anything is written or fetched
-
+# ----------------------------------------------------------------------------- bad input (the rest: test_bad_input.py)
 
 def hub_reachable():
     try:
@@ -402,60 +387,3 @@ def test_unreachable_hub(tmp_path, monkeypatch, dataset, name):
     msg = str(e.value.code)
     assert msg.startswith(f"error: cannot open {name} (sample-10BT): ") and "\n" not in msg
     assert not os.path.exists(tmp_path / "out")
-
-
-def test_missing_text_column_script(tmp_path):
-    """As a user sees it: one line on stderr, exit 1, no traceback, no output folder."""
-    pq.write_table(pa.table({"body": ["a", "b"], "id": ["1", "2"]}), tmp_path / "bad.parquet")
-    result = run_script(["--local_files", str(tmp_path / "bad.parquet"), "--out_dir", str(tmp_path / "out")])
-    assert result.returncode == 1
-    expected = f"error: {tmp_path / 'bad.parquet'} has no 'text' column (columns: body, id)"
-    assert one_error_line(result.stderr) == expected
-    assert not os.path.exists(tmp_path / "out")
-
-
-def bad_jsonl(path):
-    path.write_text('{"content": "x"}\n')
-
-
-def int_text(path):
-    pq.write_table(pa.table({"text": [1, 2]}), path)
-
-
-@pytest.mark.parametrize("name,make,message", [
-    ("bad.jsonl", bad_jsonl, "{path} has no 'text' column (columns: content)"),
-    ("ints.parquet", int_text, "{path}: column 'text' holds int64, not strings"),
-    ("*.parquet", None, "no file matches {path}"),
-    ("notes.txt", lambda path: path.write_text("x"), "{path}: unsupported file type; use .parquet, .json or .jsonl"),
-])
-def test_bad_local_files(tmp_path, name, make, message):
-    if make:
-        make(tmp_path / name)
-    with pytest.raises(SystemExit) as e:
-        fineweb.main(["--local_files", str(tmp_path / name), "--out_dir", str(tmp_path / "out")])
-    assert e.value.code == "error: " + message.format(path=tmp_path / name)
-    assert not os.path.exists(tmp_path / "out")
-
-
-def test_unwritable_out_dir(corpus, tmp_path):
-    (tmp_path / "a_file").write_text("not a folder")
-    with pytest.raises(SystemExit) as e:
-        run(corpus, tmp_path / "a_file" / "shards")
-    assert str(e.value.code).startswith(f"error: cannot create the output folder {tmp_path / 'a_file' / 'shards'}: ")
-    assert (tmp_path / "a_file").read_text() == "not a folder"
-
-
-def test_foreign_shards_are_left_alone(corpus, tmp_path):
-    np.save(tmp_path / "edufineweb_val_000000.npy", np.arange(10, dtype=np.uint16))
-    with pytest.raises(SystemExit) as e:
-        run(corpus, tmp_path)
-    assert "no manifest.json" in str(e.value.code)
-    assert os.listdir(tmp_path) == ["edufineweb_val_000000.npy"]
-    np.testing.assert_array_equal(np.load(tmp_path / "edufineweb_val_000000.npy"), np.arange(10))
-
-
-def test_other_source_into_same_folder(corpus, tmp_path):
-    assert run(corpus, tmp_path, "--max_tokens", "12000") == 0
-    with pytest.raises(SystemExit) as e:
-        run(corpus, tmp_path, "--shard_size", "5000")  # the later --shard_size wins in argparse
-    assert "another source, prefix or shard size" in str(e.value.code)

@@ -1,4 +1,6 @@
-"""The training loop end to end, as subprocesses: learning, DDP parity, exact resume, compile, bad input."""
+"""The training loop end to end, as subprocesses: learning, DDP parity, exact resume, compile.
+
+Bad input: test_bad_input.py; kills, signals and other faults: test_faults.py."""
 import os
 import shutil
 import signal
@@ -6,11 +8,10 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
-from helpers import FAST, ROOT, ok, records, run_script, train, write_shards
+from helpers import FAST, ROOT, ok, records, run_script, train
 
 
 def test_tiny_model_learns_and_samples(tmp_path):
@@ -125,59 +126,3 @@ def test_a_log_dir_with_a_run_is_not_overwritten_by_accident(tmp_path, uninterru
                      "--overwrite"]))
     assert [(s, k) for s, k, _ in records(log_dir)] == [(0, "train"), (1, "train")]
     assert sorted(os.listdir(log_dir)) == ["log.txt", "model_00002.pt"]
-
-
-# -- bad input: one line on stderr, exit status 1 or 2, no traceback ----------------------------------------
-
-@pytest.fixture(scope="module")
-def bad_inputs(tmp_path_factory, uninterrupted):
-    d = tmp_path_factory.mktemp("bad")
-    write_shards(str(d / "int32"), {"val": [5000], "train": [5000]}, dtype=np.int32)
-    write_shards(str(d / "short"), {"val": [50], "train": [50]})
-    (d / "empty").mkdir()
-    (d / "binary.txt").write_bytes(b"\xff\xfe\x00\x81" * 100)
-    good = os.path.join(uninterrupted, "model_00012.pt")
-    with open(good, "rb") as f:
-        data = f.read()
-    (d / "truncated.pt").write_bytes(data[:len(data) // 3])
-    (d / "notours.pt").write_bytes(b"")
-    torch.save({"weights": torch.zeros(2)}, str(d / "foreign.pt"))
-    return d, good
-
-
-BAD = [
-    (["--data", "{d}/missing"], "python fineweb.py"),
-    (["--data", "{d}/empty"], "no *_train_*.npy shards"),
-    (["--data", "{d}/int32"], "uint16"),
-    (["--data", "{d}/short"], "too few for one micro-batch"),
-    (["--data", "{d}/binary.txt"], "cannot read text file"),
-    (["--total_batch_size", "1000"], "try --total_batch_size 1024 or 896"),
-    (["--batch_size", "3"], "not divisible"),
-    (["--model", "gpt5"], "unknown --model 'gpt5'"),
-    (["--init_from", "gpt5"], "unknown model 'gpt5'"),
-    (["--resume", "{d}/missing.pt"], "does not exist"),
-    (["--resume", "{d}/truncated.pt"], "truncated or corrupt"),
-    (["--resume", "{d}/notours.pt"], "truncated or corrupt"),
-    (["--resume", "{d}/foreign.pt"], "not a checkpoint of train_gpt2.py"),
-    (["--resume", "{good}", "--n_embd", "64"], "is for model"),
-    (["--resume", "{good}", "--seq_len", "16"], "--seq_len"),
-    (["--seq_len", "128"], "exceeds the model's block_size"),
-    (["--dtype", "fp16"], "needs a CUDA GPU"),
-    (["--device", "cuda"], "no CUDA GPU"),
-    (["--max_steps", "-3"], "--max_steps must be positive"),
-    (["--n_head", "3"], "not divisible by --n_head"),
-    (["--compile", "maybe"], "argument --compile: invalid choice"),
-    (["--batch_size", "x"], "argument --batch_size: invalid int value"),
-]
-
-
-@pytest.mark.parametrize("extra,message", BAD, ids=[m for _, m in BAD])
-def test_bad_input_is_one_line(tmp_path, bad_inputs, extra, message):
-    d, good = bad_inputs
-    extra = [a.format(d=d, good=good) for a in extra]
-    r = train(FAST + ["--max_steps", "2", "--log_dir", str(tmp_path / "log")] + extra, timeout=120)
-    assert r.returncode in (1, 2), r.stdout + r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    assert message in lines[0]
-    assert "Traceback" not in r.stdout + r.stderr

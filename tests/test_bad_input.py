@@ -1,0 +1,153 @@
+"""Bad input to every user-facing script, as a user meets it: one line on stderr, a non-zero exit, no traceback,
+and nothing already written changed (a finished training run, a shard folder, the HellaSwag cache, the
+working folder)."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import fineweb
+from helpers import FAST, ROOT, ok, train, write_shards
+
+
+def hella_row(ctx, label=0):
+    return {"ctx": ctx, "endings": ["a dog.", "a cat ran.", "then it rained.", "she left."], "label": label}
+
+
+@pytest.fixture(scope="module")
+def d(tmp_path_factory):
+    """Files for every case; the test checks after each case that none of them changed."""
+    d = tmp_path_factory.mktemp("bad")
+    # train_gpt2.py: a finished run (each case runs in it with --resume auto), broken data and checkpoints
+    ok(train(FAST + ["--max_steps", "1", "--eval_every", "0", "--checkpoint_every", "1", "--log_dir", str(d / "run")]))
+    write_shards(str(d / "int32"), {"val": [5000], "train": [5000]}, dtype=np.int32)
+    write_shards(str(d / "short"), {"val": [50], "train": [50]})
+    (d / "empty").mkdir()
+    (d / "binary.txt").write_bytes(b"\xff\xfe\x00\x81" * 100)
+    data = (d / "run" / "model_00001.pt").read_bytes()
+    (d / "truncated.pt").write_bytes(data[:len(data) // 3])
+    (d / "notours.pt").write_bytes(b"")
+    torch.save({"weights": torch.zeros(2)}, str(d / "foreign.pt"))
+    ckpt = torch.load(str(d / "run" / "model_00001.pt"), weights_only=True)
+    torch.save({**ckpt, "config": {**ckpt["config"], "n_embd": 64}}, str(d / "misfit.pt"))
+    (d / "lost").mkdir()  # a run whose only checkpoint is damaged
+    shutil.copy(d / "run" / "log.txt", d / "lost" / "log.txt")
+    (d / "lost" / "model_00001.pt").write_bytes(data[:1000])
+    # hellaswag.py: a local file, a malformed one, and a cached hub copy ($HELLASWAG_CACHE)
+    (d / "hella.jsonl").write_text("".join(json.dumps(hella_row(f"A man walks {i}")) + "\n" for i in range(3)))
+    (d / "bad_hella.jsonl").write_text(json.dumps(hella_row("x", label=9)) + "\n")
+    (d / "cache").mkdir()
+    pq.write_table(pa.Table.from_pylist([hella_row("A cached example")]), d / "cache" / "hellaswag_val.parquet")
+    # fineweb.py: a corpus, its shards, foreign shards, files of the wrong kind
+    pq.write_table(pa.table({"text": [f"document {i} " * 40 for i in range(30)]}), d / "corpus.parquet")
+    assert fineweb.main(["--local_files", str(d / "corpus.parquet"), "--out_dir", str(d / "shards"),
+                         "--shard_size", "1000", "--workers", "1"]) == 0
+    (d / "foreign").mkdir()
+    np.save(d / "foreign" / "edufineweb_val_000000.npy", np.arange(10, dtype=np.uint16))
+    (d / "a_file").write_text("not a folder")
+    (d / "content.jsonl").write_text('{"content": "x"}\n')
+    pq.write_table(pa.table({"text": [1, 2]}), d / "ints.parquet")
+    pq.write_table(pa.table({"body": ["a", "b"], "id": ["1", "2"]}), d / "body.parquet")
+    (d / "notes.txt").write_text("x")
+    return d
+
+
+def snapshot(folder):
+    """Every file under a folder, by relative path, with a digest of its bytes."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                files[os.path.relpath(os.path.join(root, name), folder)] = hashlib.sha1(f.read()).hexdigest()
+    return files
+
+
+# the training cases run a tiny model on input.txt in {d}/run, with --resume auto, unless they say otherwise
+TRAIN = [a.replace("input.txt", os.path.join(ROOT, "input.txt")) for a in FAST] + [
+    "--max_steps", "2", "--log_dir", "{d}/run", "--resume", "auto"]
+
+CASES = [
+    ("train_gpt2.py", ["--data", "{d}/missing"], "python fineweb.py"),
+    ("train_gpt2.py", ["--data", "{d}/empty"], "no *_train_*.npy shards"),
+    ("train_gpt2.py", ["--data", "{d}/int32"], "uint16"),
+    ("train_gpt2.py", ["--data", "{d}/short"], "too few for one micro-batch"),
+    ("train_gpt2.py", ["--data", "{d}/binary.txt"], "cannot read text file"),
+    ("train_gpt2.py", ["--total_batch_size", "1000"], "try --total_batch_size 1024 or 896"),
+    ("train_gpt2.py", ["--batch_size", "3"], "not divisible"),
+    ("train_gpt2.py", ["--model", "gpt5"], "unknown --model 'gpt5'"),
+    ("train_gpt2.py", ["--init_from", "gpt5"], "unknown model 'gpt5'"),
+    ("train_gpt2.py", ["--resume", "{d}/missing.pt"], "does not exist"),
+    ("train_gpt2.py", ["--resume", "{d}/truncated.pt"], "truncated or corrupt"),
+    ("train_gpt2.py", ["--resume", "{d}/notours.pt"], "truncated or corrupt"),
+    ("train_gpt2.py", ["--resume", "{d}/foreign.pt"], "not a checkpoint of train_gpt2.py"),
+    ("train_gpt2.py", ["--n_embd", "64"], "is for model"),
+    ("train_gpt2.py", ["--seq_len", "16"], "was trained with --seq_len 32, not 16"),
+    ("train_gpt2.py", ["--log_dir", "{d}/lost"], "no checkpoint in"),
+    ("train_gpt2.py", ["--log_dir", "{d}/a_file/log"], "Not a directory"),
+    ("train_gpt2.py", ["--seq_len", "128"], "exceeds the model's block_size"),
+    ("train_gpt2.py", ["--dtype", "fp16"], "needs a CUDA GPU"),
+    ("train_gpt2.py", ["--device", "cuda"], "no such device here"),
+    ("train_gpt2.py", ["--device", "tpu"], "use auto, cpu, cuda, cuda:N or mps"),
+    ("train_gpt2.py", ["--max_steps", "-3"], "--max_steps must be positive"),
+    ("train_gpt2.py", ["--n_head", "0"], "--n_head must be positive"),
+    ("train_gpt2.py", ["--n_head", "3"], "not divisible by --n_head"),
+    ("train_gpt2.py", ["--vocab_size", "100"], "--vocab_size must hold"),
+    ("train_gpt2.py", ["--max_lr", "nan"], "--max_lr must be a finite number"),
+    ("train_gpt2.py", ["--seed", "-1"], "--seed must be 0 or more"),
+    ("train_gpt2.py", ["--keep_checkpoints", "-1"], "--keep_checkpoints must be 0 or more"),
+    ("train_gpt2.py", ["--dist_timeout", "0"], "--dist_timeout must be positive"),
+    ("train_gpt2.py", ["--sample_every", "1", "--sample_prompt="], "--sample_prompt is empty"),
+    ("train_gpt2.py", ["--compile", "maybe"], "argument --compile: invalid choice"),
+    ("train_gpt2.py", ["--batch_size", "x"], "argument --batch_size: invalid int value"),
+    ("train_gpt2.py", ["--hellaswag_every", "2", "--hellaswag_data", "{d}/bad_hella.jsonl"],
+     "{d}/bad_hella.jsonl: line 1: 'label' must be 0, 1, 2 or 3 (got 9)"),
+    ("hellaswag.py", [], "one of the arguments -m/--model -c/--checkpoint is required"),
+    ("hellaswag.py", ["-m", "gpt-7", "--data", "{d}/hella.jsonl"], "unknown model 'gpt-7'"),
+    ("hellaswag.py", ["-c", "{d}/missing.pt"], "checkpoint {d}/missing.pt does not exist"),
+    ("hellaswag.py", ["-c", "{d}/truncated.pt", "--data", "{d}/hella.jsonl"], "truncated or corrupt"),
+    ("hellaswag.py", ["-c", "{d}/foreign.pt", "--data", "{d}/hella.jsonl"], "not a checkpoint of train_gpt2.py"),
+    ("hellaswag.py", ["-c", "{d}/misfit.pt", "--data", "{d}/hella.jsonl"], "does not fit its own config"),
+    ("hellaswag.py", ["-c", "{d}/run/model_00001.pt", "--data", "{d}/bad_hella.jsonl"], "'label' must be 0, 1, 2 or 3"),
+    ("hellaswag.py", ["-c", "{d}/run/model_00001.pt", "--device", "tpu"], "use auto, cpu, cuda, cuda:N or mps"),
+    ("hellaswag.py", ["-c", "x.pt", "--limit", "0"], "--limit must be positive"),
+    ("fineweb.py", ["--dataset", "c4"], "unknown --dataset 'c4'"),
+    ("fineweb.py", ["--remote_name", "sample-banana"], "unknown --remote_name 'sample-banana'"),
+    ("fineweb.py", ["--shard_size", "1.5"], "argument --shard_size: need a positive whole number, got 1.5"),
+    ("fineweb.py", ["--max_tokens", "0"], "argument --max_tokens: need a positive whole number, got 0"),
+    ("fineweb.py", ["--local_files", "{d}/content.jsonl", "--out_dir", "out"],
+     "{d}/content.jsonl has no 'text' column (columns: content)"),
+    ("fineweb.py", ["--local_files", "{d}/body.parquet"], "{d}/body.parquet has no 'text' column (columns: body, id)"),
+    ("fineweb.py", ["--local_files", "{d}/ints.parquet"], "{d}/ints.parquet: column 'text' holds int64, not strings"),
+    ("fineweb.py", ["--local_files", "{d}/*.none"], "no file matches {d}/*.none"),
+    ("fineweb.py", ["--local_files", "{d}/notes.txt"], "{d}/notes.txt: unsupported file type"),
+    ("fineweb.py", ["--local_files", "{d}/corpus.parquet", "--out_dir", "{d}/a_file/shards"],
+     "cannot create the output folder {d}/a_file/shards"),
+    ("fineweb.py", ["--local_files", "{d}/corpus.parquet", "--out_dir", "{d}/foreign"], "no manifest.json"),
+    ("fineweb.py", ["--local_files", "{d}/corpus.parquet", "--out_dir", "{d}/shards", "--shard_size", "500"],
+     "another source, prefix or shard size"),
+    ("fineweb.py", ["--verify", "--out_dir", "{d}/foreign"], "cannot read {d}/foreign/manifest.json"),
+]
+
+
+@pytest.mark.parametrize("script,args,message", CASES, ids=[f"{s[:-3]}: {m}" for s, _, m in CASES])
+def test_bad_input_is_one_line_and_harmless(d, tmp_path, script, args, message):
+    before = snapshot(d)
+    cwd = tmp_path / "cwd"  # an empty working folder: default output folders would appear here
+    cwd.mkdir()
+    args = [a.format(d=d) for a in (TRAIN if script == "train_gpt2.py" else []) + args]
+    r = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, HELLASWAG_CACHE=str(d / "cache")))
+    assert r.returncode in (1, 2), r.stdout[-2000:] + r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert message.format(d=d) in lines[0]
+    assert "Traceback" not in r.stdout + r.stderr
+    assert snapshot(d) == before and os.listdir(cwd) == []
