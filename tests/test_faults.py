@@ -157,15 +157,32 @@ def test_killed_again_and_again_resumes_to_the_uninterrupted_run(tmp_path, refer
     assert checkpoints(log_dir) == [18, 20] and temporaries(log_dir) == []
 
 
-def worker_pid(torchrun_pid, rank):
-    """The pid of one rank's process under torchrun, found by the RANK in its environment."""
+def worker_pids(torchrun_pid):
+    """[rank 0's pid, rank 1's pid] under torchrun, found by the RANK in their environments. (torchrun starts
+    each worker in a session of its own, so killing torchrun's process group does not reach them.)"""
+    pids = {}
     for task in os.listdir(f"/proc/{torchrun_pid}/task"):
         with open(f"/proc/{torchrun_pid}/task/{task}/children") as f:
             for child in f.read().split():
                 with open(f"/proc/{child}/environ", "rb") as env:
-                    if f"RANK={rank}".encode() in env.read().split(b"\0"):
-                        return int(child)
-    raise AssertionError(f"no rank {rank} under torchrun {torchrun_pid}")
+                    rank = next(v[5:] for v in env.read().split(b"\0") if v.startswith(b"RANK="))
+                pids[int(rank)] = int(child)
+    return [pids[0], pids[1]]
+
+
+def dead(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return True
+
+
+def wait_dead(pids, timeout=60):
+    deadline = time.time() + timeout
+    while not all(dead(pid) for pid in pids):
+        assert time.time() < deadline, "a worker outlived its job"
+        time.sleep(0.05)
 
 
 def test_two_ranks_killed_and_stopped_resume_to_the_uninterrupted_run(tmp_path, ddp_reference):
@@ -178,25 +195,35 @@ def test_two_ranks_killed_and_stopped_resume_to_the_uninterrupted_run(tmp_path, 
 
     run = Run(cmd, str(tmp_path))
     run.wait_until(lines_reached(log_dir, record_index(ref_log, 4, "train")))  # rank 1 is in step 5
-    run.kill(pid=worker_pid(run.proc.pid, 1))
-    assert run.wait(timeout=90) != 0
+    workers = worker_pids(run.proc.pid)
+    run.kill(pid=workers[1])
+    assert run.wait(timeout=90) != 0  # torchrun ended the job
+    wait_dead(workers)
     assert 12 not in checkpoints(log_dir)
 
     run = Run(cmd, str(tmp_path))
     run.wait_until(lines_reached(log_dir, record_index(ref_log, 6, "train")))  # in step 7: stops at 8
-    run.kill(signal.SIGINT, group=True)
+    workers = worker_pids(run.proc.pid)
+    run.kill(signal.SIGINT, group=True)  # as Ctrl-C in a terminal: torchrun forwards it to the workers
     run.wait()
+    wait_dead(workers)
     out, err = run.output()
     assert f"stopped at step 8 by SIGINT; checkpoint {log_dir}/model_00008.pt; resume with --resume auto" in out, err
     assert log_text(log_dir) == ref_log[:ref_log.index("\n8 val")] + "\n"
     assert torch.load(os.path.join(log_dir, "model_00008.pt"), weights_only=True)["evals_done"] is False
 
     run = Run(cmd, str(tmp_path))
+    run.wait_until(lines_reached(log_dir, record_index(ref_log, 8, "train")))  # resumed at 8, now in step 9
+    workers = worker_pids(run.proc.pid)
     run.wait_until(lambda: any(name.startswith("model_00010.pt.tmp") for name in os.listdir(log_dir)))
-    run.kill(group=True)
-    assert run.wait() == -signal.SIGKILL and 10 not in checkpoints(log_dir)
+    for pid in workers + [run.proc.pid]:  # the machine is lost: every process at once
+        os.kill(pid, signal.SIGKILL)
+    assert run.wait() == -signal.SIGKILL
+    wait_dead(workers)
+    assert 10 not in checkpoints(log_dir) and len(temporaries(log_dir)) == 1
 
-    ok(subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600))
+    r = ok(subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600))
+    assert f"resuming from {log_dir}/model_00008.pt at step 8" in r.stdout  # the SIGINT one, a second time
     assert log_text(log_dir) == ref_log
 
 
