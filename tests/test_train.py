@@ -10,20 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ROOT, TINY, read_log, run_script, train, write_shards
+from helpers import ROOT, TINY, ok, records, run_script, train, write_shards
 
 # a tiny model on input.txt: about 0.1 s per step on 2 cores
 FAST = ["--data", "input.txt", *TINY, "--batch_size", "4", "--seq_len", "32", "--total_batch_size", "256",
         "--hellaswag_every", "0", "--sample_every", "0", "--warmup_steps", "5", "--max_lr", "1e-2"]
-
-
-def records(log_dir, kind=None):
-    return [(int(s), k, float(v)) for s, k, v in read_log(log_dir) if kind in (None, k)]
-
-
-def ok(result):
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return result
 
 
 def test_tiny_model_learns_and_samples(tmp_path):
