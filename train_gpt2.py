@@ -106,11 +106,13 @@ MODELS = {name: (*size, 1024, 2**19, 6e-4) for name, size in GPT2_SIZES.items()}
 }
 
 
+def block_params(d):
+    return 12 * d * d + 13 * d  # qkv 3d^2+3d, proj d^2+d, MLP 8d^2+5d, two LayerNorms 4d
+
+
 def param_count(c):
     """Parameters of a GPT with config c, without building it (wte and lm_head are one matrix)."""
-    d = c.n_embd
-    per_block = 12 * d * d + 13 * d  # qkv 3d^2+3d, proj d^2+d, MLP 8d^2+5d, two LayerNorms 4d
-    return (c.vocab_size + c.block_size) * d + c.n_layer * per_block + 2 * d
+    return (c.vocab_size + c.block_size) * c.n_embd + c.n_layer * block_params(c.n_embd) + 2 * c.n_embd
 
 
 def flops_per_token(c, T):
@@ -628,7 +630,7 @@ def memory_plan(config, B, T, world, amp_bytes, activation_checkpointing):
     activation checkpointing only each block's input stays, and one block is recomputed at a time.
     """
     N, d, L = param_count(config), config.n_embd, config.n_layer
-    block = 12 * d * d + 13 * d
+    block = block_params(d)
     root = N - L * block
     per_layer = 34 * B * T * d * amp_bytes // 2
     activations = (L * B * T * d * amp_bytes + per_layer) if activation_checkpointing else L * per_layer
