@@ -184,12 +184,14 @@ def forward_logits(model, idx, amp):
 
 
 @torch.no_grad()
-def score_endings(model, examples, device, amp=contextlib.nullcontext(), batch_size=None, progress=False):
+def score_endings(model, examples, device, amp=contextlib.nullcontext(), batch_size=None, progress=False,
+                  sync_ranks=False):
     """Summed loss and scored-token count of every ending: two (len(examples), 4) float64 CPU tensors.
 
     batch_size examples' worth of rows (4 each) go through one forward, padded to a fixed length and row
     count (the last batch gets empty rows), so a compiled model sees only a few shapes. batch_size=0
-    is the lecture's way: one example per forward, its 4 rows padded to the longest of them.
+    is the lecture's way: one example per forward, its 4 rows padded to the longest of them. sync_ranks:
+    every rank makes as many forwards as the busiest one (an FSDP model gathers its weights in each).
     """
     enc = gpt2_tokenizer()
     rows = []  # (example, ending, tokens, mask)
@@ -209,7 +211,15 @@ def score_endings(model, examples, device, amp=contextlib.nullcontext(), batch_s
     batch_rows = 4 * batch_size
     sums = torch.zeros(len(examples) * 4, device=device)  # float32: MPS has no float64
     counts = torch.zeros(len(examples) * 4, dtype=torch.float64)
-    for batch in tqdm(make_batches(rows, batch_rows), desc="hellaswag", disable=not progress, leave=False):
+    batches = make_batches(rows, batch_rows)
+    if sync_ranks:
+        most = torch.tensor(len(batches), device=device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        batches += [[]] * (int(most) - len(batches))
+    for batch in tqdm(batches, desc="hellaswag", disable=not progress, leave=False):
+        if not batch:  # a forward only to keep in step with the other ranks
+            forward_logits(model, torch.zeros(batch_rows or 4, PAD_TO, dtype=torch.long, device=device), amp)
+            continue
         longest = max(len(t) for _, _, t, _ in batch)
         T = min(padded_length(longest), limit) if batch_rows else longest
         idx = torch.zeros(batch_rows or len(batch), T, dtype=torch.long)
@@ -240,7 +250,7 @@ def evaluate(model, examples, device, amp=contextlib.nullcontext(), rank=0, worl
     mine = examples[rank::world_size]
     was_training = model.training
     model.eval()
-    sums, counts = score_endings(model, mine, device, amp, batch_size, progress)
+    sums, counts = score_endings(model, mine, device, amp, batch_size, progress, sync_ranks=dist.is_initialized())
     model.train(was_training)
     labels = torch.tensor([ex["label"] for ex in mine], dtype=torch.long)
     correct = (sums.argmin(1) == labels).sum()

@@ -16,6 +16,7 @@ import glob
 import math
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -96,6 +97,29 @@ class Block(nn.Module):
 # sizes of OpenAI's checkpoints: (n_layer, n_head, n_embd)
 GPT2_SIZES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024),
               "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600)}
+# --model presets: (n_layer, n_head, n_embd, context, tokens per step, max LR). GPT-2 sizes with the lecture's
+# recipe; GPT-3 sizes with the paper's context, batch and LR (Brown et al. 2020, Table 2.1). The table's
+# 1.3B lists 24 heads of 128, which cannot split 2048: 16 x 128 keeps the head size. 13B's 5140 is 40 x 128.
+MODELS = {name: (*size, 1024, 2**19, 6e-4) for name, size in GPT2_SIZES.items()} | {
+    "gpt3-125M": (12, 12, 768, 2048, 2**19, 6e-4), "gpt3-350M": (24, 16, 1024, 2048, 2**19, 3e-4),
+    "gpt3-760M": (24, 16, 1536, 2048, 2**19, 2.5e-4), "gpt3-1.3B": (24, 16, 2048, 2048, 2**20, 2e-4),
+    "gpt3-2.7B": (32, 32, 2560, 2048, 2**20, 1.6e-4), "gpt3-6.7B": (32, 32, 4096, 2048, 2**21, 1.2e-4),
+    "gpt3-13B": (40, 40, 5120, 2048, 2**21, 1e-4), "gpt3-175B": (96, 96, 12288, 2048, 1536 * 2048, 0.6e-4),
+}
+
+
+def block_params(d):
+    return 12 * d * d + 13 * d  # qkv 3d^2+3d, proj d^2+d, MLP 8d^2+5d, two LayerNorms 4d
+
+
+def param_count(c):
+    """Parameters of a GPT with config c, without building it (wte and lm_head are one matrix)."""
+    return (c.vocab_size + c.block_size) * c.n_embd + c.n_layer * block_params(c.n_embd) + 2 * c.n_embd
+
+
+def flops_per_token(c, T):
+    """Training FLOPs per token: 6 per weight (forward + backward; wpe is a lookup) plus attention's 12 L d T."""
+    return 6 * (param_count(c) - c.block_size * c.n_embd) + 12 * c.n_layer * c.n_embd * T
 
 
 class GPT(nn.Module):
@@ -112,6 +136,7 @@ class GPT(nn.Module):
         # weight tying: the input embedding and the output projection are one matrix
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
+        self.activation_checkpointing = False  # recompute each block in the backward instead of storing it
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -132,7 +157,10 @@ class GPT(nn.Module):
         pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         for block in self.transformer.h:
-            x = block(x)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, vocab_size)
         loss = None
@@ -140,15 +168,9 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
-    def num_params(self, non_embedding=False):
-        """Parameters (the tied wte/lm_head counted once); non_embedding leaves out wpe."""
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
-
-    def flops_per_token(self, T):
-        """Training FLOPs per token: 6 per weight (forward + backward) plus attention's 12 * L * d * T."""
-        c = self.config
-        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * T
+    def num_params(self):
+        """Parameters, counted on the model (the tied wte/lm_head once)."""
+        return sum(p.numel() for p in self.parameters())
 
     @classmethod
     def from_pretrained(cls, name_or_dir):
@@ -357,6 +379,8 @@ def train_step(model, optimizer, loader, grad_accum_steps, lr, amp, scaler, grad
         loss_accum /= dist.get_world_size()
     scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # FSDP: a DTensor, the same on every rank
+        norm = norm.full_tensor()
     if not (skip_nonfinite and nonfinite(loss_accum, norm, scaler)):
         scaler.step(optimizer)
     scaler.update()
@@ -406,12 +430,12 @@ def generate(model, tokens, num_samples, length, device, generator, amp, vocab_l
     return x.tolist()
 
 
-CHECKPOINT_NAME = re.compile(r"model_(\d+)\.pt$")
+CHECKPOINT_NAME = re.compile(r"model_(\d+)\.(pt|dcp)$")  # .dcp: a folder of FSDP shards
 
 
 def save_checkpoint(path, state):
     """Write to a temporary name, flush to disk, then rename: a crash never leaves half a checkpoint."""
-    bad = next((k for k, v in state["model"].items() if v.is_floating_point() and not v.isfinite().all()), None)
+    bad = next((k for k, v in state.get("model", {}).items() if v.is_floating_point() and not v.isfinite().all()), None)
     if bad is not None:
         raise UserError(f"not writing {path}: its weight {bad} holds inf or NaN")
     tmp = f"{path}.tmp{os.getpid()}"
@@ -432,30 +456,81 @@ def save_checkpoint(path, state):
 
 
 def load_checkpoint(path):
-    """A checkpoint of ours as a dict of plain values; UserError if missing, truncated or foreign."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} does not exist")
+    """A checkpoint of ours as a dict of plain values; UserError if missing, truncated or foreign.
+
+    An FSDP checkpoint is a folder: its plain values in meta.pt, the sharded model and optimizer beside
+    them for load_sharded_state."""
+    sharded = os.path.isdir(path)
+    meta = os.path.join(path, "meta.pt") if sharded else path
+    if not os.path.isfile(meta):
+        raise UserError(f"checkpoint {path} does not exist" + (" or is incomplete" if sharded else ""))
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(meta, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__})")
-    if not isinstance(ckpt, dict) or not {"model", "config", "step"} <= set(ckpt):
-        raise UserError(f"{path} is not a checkpoint of train_gpt2.py (needs model, config and step)")
-    # compiled and DDP-wrapped models prefix their parameter names
-    ckpt["model"] = {re.sub(r"^((_orig_mod|module)\.)+", "", k): v for k, v in ckpt["model"].items()}
+    needs = {"config", "step"} if sharded else {"model", "config", "step"}
+    if not isinstance(ckpt, dict) or not needs <= set(ckpt):
+        raise UserError(f"{path} is not a checkpoint of train_gpt2.py (needs {', '.join(sorted(needs))})")
+    if sharded and not os.path.isfile(os.path.join(path, ".metadata")):
+        raise UserError(f"checkpoint {path} is incomplete (no .metadata)")
+    ckpt["sharded"] = sharded
+    if not sharded:  # compiled and DDP-wrapped models prefix their parameter names
+        ckpt["model"] = {re.sub(r"^((_orig_mod|module)\.)+", "", k): v for k, v in ckpt["model"].items()}
     return ckpt
 
 
-def list_checkpoints(log_dir):
-    """[(step, path)] of the checkpoints in log_dir, oldest first."""
-    found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(log_dir, "model_*.pt"))
-             if (m := CHECKPOINT_NAME.search(os.path.basename(p)))]
+def shard_model(model, amp_dtype):
+    """FSDP2: every block's weights are split over the ranks and gathered only while that block runs.
+
+    Weights are gathered in the autocast dtype and gradients reduced in fp32; the sharded master weights
+    and AdamW state stay fp32, so the numerics are those of DDP with autocast."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    policy = MixedPrecisionPolicy(param_dtype=None if amp_dtype == torch.float32 else amp_dtype,
+                                  reduce_dtype=torch.float32)
+    for block in model.transformer.h:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)  # the root: embeddings (tied to lm_head) and ln_f
+
+
+def save_sharded_checkpoint(path, model, optimizer, meta):
+    """FSDP: each rank writes its shards with torch.distributed.checkpoint into path + '.tmp', then rank 0
+    adds meta.pt and renames the folder, so a complete folder is the only kind under the final name."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    model_state, optim_state = get_state_dict(model, optimizer)
+    tmp = path + ".tmp"
+    if dist.get_rank() == 0 and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    dist.barrier()
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
+    if dist.get_rank() == 0:
+        save_checkpoint(os.path.join(tmp, "meta.pt"), meta)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    dist.barrier()
+
+
+def load_sharded_state(path, model, optimizer):
+    """Fill a sharded model and its optimizer from an FSDP checkpoint, at any world size (DCP reshards)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def list_checkpoints(log_dir, kind=None):
+    """[(step, path)] of the checkpoints in log_dir (only the .pt or .dcp ones if kind says), oldest first."""
+    found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(log_dir, "model_*"))
+             if (m := CHECKPOINT_NAME.search(os.path.basename(p))) and kind in (None, m.group(2))]
     return sorted(found)
 
 
-def find_resume_checkpoint(log_dir, warn):
+def find_resume_checkpoint(log_dir, warn, sharded=False):
     """The newest checkpoint in log_dir that loads, skipping broken ones; None if there is none."""
-    found = list_checkpoints(log_dir)
+    found = list_checkpoints(log_dir, "dcp" if sharded else "pt")
     for _, path in reversed(found):
         try:
             return load_checkpoint(path), path
@@ -470,7 +545,12 @@ def prune_checkpoints(log_dir, step, keep):
     """--keep_checkpoints: keep the one at `step` and the keep - 1 newest before it (later ones are left)."""
     older = [path for s, path in list_checkpoints(log_dir) if s < step]
     for path in older[:max(len(older) - (keep - 1), 0)]:
-        os.remove(path)
+        remove_checkpoint(path)
+
+
+def remove_checkpoint(path):
+    """A checkpoint file, or an FSDP checkpoint's folder."""
+    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
 def trim_log(log_path, resume_step, evals_done=True):
@@ -523,19 +603,19 @@ def parse_args(argv=None):
     p.error = usage_error
     a = p.add_argument
     a("--data", default="edu_fineweb10B", help="folder of *_train_*/*_val_*.npy shards, or a text file (90/10 split)")
-    a("--model", default="gpt2", help=f"architecture to train from scratch: {', '.join(GPT2_SIZES)}")
+    a("--model", default="gpt2", help=f"preset: architecture, context, batch and LR; one of {', '.join(MODELS)}")
     a("--n_layer", type=int, help="override the --model's number of layers")
     a("--n_head", type=int, help="override the --model's number of heads")
     a("--n_embd", type=int, help="override the --model's embedding width")
-    a("--block_size", type=int, default=1024, help="context length of the position embedding")
+    a("--block_size", type=int, help="context of the position embedding (default: the --model's)")
     a("--vocab_size", type=int, default=50304, help="50257 padded to a multiple of 128 for fast kernels")
     a("--init_from", default="scratch", help="'scratch', or an HF GPT-2 name/folder to start from its weights")
     a("--batch_size", type=int, default=64, help="micro-batch size B per process")
-    a("--seq_len", type=int, default=1024, help="sequence length T")
-    a("--total_batch_size", type=int, default=524288, help="tokens per optimizer step (2**19)")
+    a("--seq_len", type=int, help="sequence length T (default: the model's context)")
+    a("--total_batch_size", type=int, help="tokens per optimizer step (default: the --model's, 2**19 for gpt2)")
     a("--max_steps", type=int, default=19073, help="optimizer steps (19073 x 2**19 = 10B tokens)")
     a("--warmup_steps", type=int, default=715, help="linear LR warmup steps")
-    a("--max_lr", type=float, default=6e-4)
+    a("--max_lr", type=float, help="peak LR (default: the --model's, 6e-4 for gpt2)")
     a("--min_lr", type=float, help="LR at the end of the cosine (default: max_lr / 10)")
     a("--weight_decay", type=float, default=0.1)
     a("--grad_clip", type=float, default=1.0, help="clip the global grad norm to this (0: no clipping)")
@@ -560,11 +640,13 @@ def parse_args(argv=None):
       help="autocast dtype; auto: bf16 on CUDA (fp16 + GradScaler without bf16), fp32 elsewhere")
     a("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile; auto: on for CUDA")
     a("--seed", type=int, default=1337)
+    a("--fsdp", action="store_true", help="shard weights, grads and optimizer over the GPUs (FSDP2) instead of DDP")
+    a("--activation_checkpointing", action="store_true", help="recompute each block in the backward: less memory")
+    a("--dry_run", action="store_true", help="print parameters, FLOPs, the batch plan and memory per GPU, then exit")
+    a("--world_size", type=int, help="GPUs for --dry_run to plan for (default: this launch's)")
     args = p.parse_args(argv)
-    if args.min_lr is None:
-        args.min_lr = args.max_lr / 10
-    for name in ("batch_size", "seq_len", "total_batch_size", "max_steps", "val_steps", "num_samples", "dist_timeout",
-                 "n_layer", "n_head", "n_embd", "block_size"):
+    for name in ("batch_size", "seq_len", "total_batch_size", "max_steps", "val_steps", "num_samples", "world_size",
+                 "dist_timeout", "n_layer", "n_head", "n_embd", "block_size"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             p.error(f"--{name} must be positive")
     for name in ("eval_every", "hellaswag_every", "sample_every", "checkpoint_every", "warmup_steps",
@@ -572,7 +654,7 @@ def parse_args(argv=None):
         if getattr(args, name) < 0:
             p.error(f"--{name} must be 0 or more")
     for name in ("max_lr", "min_lr", "weight_decay", "grad_clip"):
-        if not 0 <= getattr(args, name) < math.inf:  # NaN fails this too
+        if getattr(args, name) is not None and not 0 <= getattr(args, name) < math.inf:  # NaN fails this too
             p.error(f"--{name} must be a finite number, 0 or more")
     if args.vocab_size < 50257:
         p.error("--vocab_size must hold the GPT-2 tokenizer's 50257 tokens")
@@ -581,15 +663,56 @@ def parse_args(argv=None):
     return args
 
 
-def model_config(args):
-    if args.model not in GPT2_SIZES:
-        raise UserError(f"unknown --model '{args.model}': choose one of {', '.join(GPT2_SIZES)}")
-    n_layer, n_head, n_embd = GPT2_SIZES[args.model]
-    config = GPTConfig(block_size=args.block_size, vocab_size=args.vocab_size,
-                       n_layer=args.n_layer or n_layer, n_head=args.n_head or n_head, n_embd=args.n_embd or n_embd)
+def apply_preset(args):
+    """Fill the flags left unset from the --model preset; returns the config to train from scratch."""
+    if args.model not in MODELS:
+        raise UserError(f"unknown --model '{args.model}': choose one of {', '.join(MODELS)}")
+    preset = dict(zip(["n_layer", "n_head", "n_embd", "block_size", "total_batch_size", "max_lr"], MODELS[args.model]))
+    for name, value in preset.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.seq_len = args.seq_len or args.block_size
+    args.min_lr = args.max_lr / 10 if args.min_lr is None else args.min_lr
+    config = GPTConfig(args.block_size, args.vocab_size, args.n_layer, args.n_head, args.n_embd)
     if config.n_embd % config.n_head:
         raise UserError(f"--n_embd {config.n_embd} is not divisible by --n_head {config.n_head}")
     return config
+
+
+def memory_plan(config, B, T, world, amp_bytes, activation_checkpointing):
+    """Estimated bytes per GPU of each part of training, {part: (DDP, FSDP)}.
+
+    Weights, grads and AdamW's two moments are fp32: 16 bytes per parameter, all on every GPU with DDP
+    (plus its gradient buckets, one more copy of the grads), 1/world of them with FSDP (plus the gathered
+    weights and grads of the block at work and the next, and of the root: embeddings and ln_f). Activations
+    follow Korthikanti et al. 2022 with flash attention: 34 B T d bytes per layer at 2 bytes per value; with
+    activation checkpointing only each block's input stays, and one block is recomputed at a time.
+    """
+    N, d, L = param_count(config), config.n_embd, config.n_layer
+    block = block_params(d)
+    root = N - L * block
+    per_layer = 34 * B * T * d * amp_bytes // 2
+    activations = (L * B * T * d * amp_bytes + per_layer) if activation_checkpointing else L * per_layer
+    logits = B * T * config.vocab_size * (amp_bytes + 4 + 4)  # the logits, their fp32 copy for the loss, its grad
+    return {"weights (fp32)": (4 * N, 4 * N / world), "gradients (fp32)": (4 * N, 4 * N / world),
+            "optimizer (AdamW m, v)": (8 * N, 8 * N / world),
+            "DDP buckets / FSDP gathered": (4 * N, (2 * 2 * block + 2 * root) * amp_bytes) if world > 1 else (0, 0),
+            f"activations (B={B}, T={T})": (activations, activations), "logits and loss": (logits, logits)}
+
+
+def dry_run(args, config):
+    world = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
+    accum = batch_plan(args.total_batch_size, args.batch_size, args.seq_len, world)
+    amp_bytes = 4 if args.dtype == "fp32" else 2
+    print(f"model {args.model}: {config}\n{param_count(config):,} parameters, "
+          f"{flops_per_token(config, args.seq_len) / 1e9:.2f} GFLOP per token at T={args.seq_len}, "
+          f"max LR {args.max_lr:g}")
+    print(f"batch: {args.total_batch_size:,} tokens per step = {world} GPU(s) x B {args.batch_size} x "
+          f"T {args.seq_len} x {accum} accumulation steps")
+    print(f"memory per GPU, estimated (GiB){'DDP':>12s}{'FSDP':>10s}")
+    plan = memory_plan(config, args.batch_size, args.seq_len, world, amp_bytes, args.activation_checkpointing)
+    for part, (ddp, fsdp) in [*plan.items(), ("total", tuple(map(sum, zip(*plan.values()))))]:
+        print(f"  {part:32s}{ddp / 2**30:10.2f}{fsdp / 2**30:10.2f}")
 
 
 def batch_plan(total, B, T, world):
@@ -655,6 +778,9 @@ def request_stop(signum, frame):
 
 def main(argv=None):
     args = parse_args(argv)
+    scratch_config = apply_preset(args)
+    if args.dry_run:
+        return dry_run(args, scratch_config)
     rank, local_rank, world, device = setup_device(args.device, args.dist_timeout)
     master = rank == 0
     device_type = device.split(":")[0]
@@ -666,10 +792,7 @@ def main(argv=None):
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls that remain
 
     # the model
-    if args.init_from == "scratch":
-        model = GPT(model_config(args))
-    else:
-        model = GPT.from_pretrained(args.init_from)
+    model = GPT(scratch_config) if args.init_from == "scratch" else GPT.from_pretrained(args.init_from)
     config = model.config
     if args.seq_len > config.block_size:
         raise UserError(f"--seq_len {args.seq_len} exceeds the model's block_size {config.block_size}")
@@ -696,6 +819,13 @@ def main(argv=None):
     amp_dtype = autocast_dtype(args.dtype, device_type)
     amp = contextlib.nullcontext() if amp_dtype == torch.float32 else torch.autocast(device_type, dtype=amp_dtype)
     scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == torch.float16)
+    if args.fsdp:
+        if not dist.is_initialized():
+            raise UserError("--fsdp shards over the processes of a torchrun launch: torchrun --nproc_per_node=N ...")
+        if amp_dtype == torch.float16:
+            raise UserError("--fsdp trains in bf16 or fp32, not fp16: pass --dtype bf16 or fp32")
+        shard_model(model, amp_dtype)  # before the optimizer, which must hold the sharded parameters
+    model.activation_checkpointing = args.activation_checkpointing
     optimizer = model.configure_optimizers(args.weight_decay, args.max_lr, device_type)
 
     # resume, or start a fresh run
@@ -703,17 +833,23 @@ def main(argv=None):
     log_path = os.path.join(args.log_dir, "log.txt")
     start_step, evals_done, ckpt, ckpt_path = 0, True, None, None
     if args.resume == "auto":
-        ckpt, ckpt_path = find_resume_checkpoint(args.log_dir, say)
+        ckpt, ckpt_path = find_resume_checkpoint(args.log_dir, say, sharded=args.fsdp)
     elif args.resume != "none":
         ckpt, ckpt_path = load_checkpoint(args.resume), args.resume
     if ckpt is not None:
+        if ckpt["sharded"] != args.fsdp:
+            raise UserError(f"checkpoint {ckpt_path} was written " + ("with" if ckpt["sharded"] else "without") +
+                            " --fsdp: resume it the same way")
         if ckpt["config"] != asdict(config):
             raise UserError(f"checkpoint {ckpt_path} is for model {ckpt['config']}, but this run builds "
                             f"{asdict(config)}: pass the same model flags, or another --log_dir")
         if ckpt.get("seq_len", T) != T:
             raise UserError(f"checkpoint {ckpt_path} was trained with --seq_len {ckpt['seq_len']}, not {T}")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if args.fsdp:
+            load_sharded_state(ckpt_path, model, optimizer)
+        else:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt.get("scaler", {}))
         train_loader.set_state(ckpt["loader"])
         torch.set_rng_state(ckpt["rng"]["cpu"])
@@ -722,32 +858,34 @@ def main(argv=None):
         start_step, evals_done = ckpt["step"], ckpt.get("evals_done", True)
         say(f"resuming from {ckpt_path} at step {start_step}")
     elif args.resume == "none":
-        earlier = glob.glob(os.path.join(args.log_dir, "model_*.pt"))
+        earlier = [path for _, path in list_checkpoints(args.log_dir)]
         if (earlier or (os.path.exists(log_path) and os.path.getsize(log_path))) and not args.overwrite:
             raise UserError(f"{args.log_dir}/ already holds a run: continue it with --resume auto, "
                             "start over with --overwrite, or choose another --log_dir")
         if master:
-            for path in earlier:
-                os.remove(path)  # --overwrite: they would be mistaken for this run's checkpoints
+            for path in earlier:  # --overwrite: they would be mistaken for this run's checkpoints
+                remove_checkpoint(path)
     resumed = ckpt is not None
     if master:
         trim_log(log_path, start_step if resumed else -1, evals_done)
-        for tmp in glob.glob(os.path.join(args.log_dir, "model_*.pt.tmp*")):
-            os.remove(tmp)  # half a checkpoint, left by a run killed while writing it
+        for tmp in glob.glob(os.path.join(args.log_dir, "model_*.tmp*")):
+            remove_checkpoint(tmp)  # half a checkpoint, left by a run killed while writing it
     del ckpt
 
     # compile and wrap. Evaluation runs the compiled module directly (same shapes as training, compiled
     # once more for no_grad); sampling grows its input every token, so it runs the eager model.
     use_compile = args.compile == "on" or (args.compile == "auto" and device_type == "cuda")
     compiled = torch.compile(model) if use_compile else model
-    train_model = DDP(compiled, device_ids=[local_rank] if device_type == "cuda" else None) if world > 1 else compiled
+    train_model = compiled
+    if world > 1 and not args.fsdp:
+        train_model = DDP(compiled, device_ids=[local_rank] if device_type == "cuda" else None)
 
     def log(line):
         if master:
             with open(log_path, "a") as f:
                 f.write(line + "\n")
 
-    flops_per_step = model.flops_per_token(T) * args.total_batch_size
+    flops_per_step = flops_per_token(config, T) * args.total_batch_size
     peak = peak_flops(device_type)
     train_time, timed_steps = 0.0, 0
     STOP["armed"], stop = True, False
@@ -771,16 +909,18 @@ def main(argv=None):
                                 device, generator, amp, enc.n_vocab)
                 for i, row in enumerate(rows):
                     print(f"rank {rank} sample {i}: {enc.decode(row)}")
-        path = os.path.join(args.log_dir, f"model_{step:05d}.pt")
-        if master and step > 0 and not first and (stop or last_step or due(args.checkpoint_every)):
+        path = os.path.join(args.log_dir, f"model_{step:05d}." + ("dcp" if args.fsdp else "pt"))
+        if step > 0 and not first and (stop or last_step or due(args.checkpoint_every)):
             rng = {"cpu": torch.get_rng_state()}
             if device_type == "cuda":
                 rng["cuda"] = torch.cuda.get_rng_state()
-            save_checkpoint(path, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "step": step, "config": asdict(config), "seq_len": T, "loader": train_loader.state_dict(),
-                "rng": rng, "args": vars(args), "evals_done": not stop})
-            if args.keep_checkpoints:
+            state = {"scaler": scaler.state_dict(), "step": step, "config": asdict(config), "seq_len": T,
+                     "loader": train_loader.state_dict(), "rng": rng, "args": vars(args), "evals_done": not stop}
+            if args.fsdp:  # every rank writes its shards
+                save_sharded_checkpoint(path, model, optimizer, state)
+            elif master:
+                save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **state})
+            if master and args.keep_checkpoints:
                 prune_checkpoints(args.log_dir, step, args.keep_checkpoints)
         if stop:
             say(f"stopped at step {step} by {STOP['signal'] or 'a signal to another rank'}; checkpoint {path}; "

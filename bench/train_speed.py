@@ -57,8 +57,8 @@ def lecture_step(model, optimizer, loader, grad_accum_steps, lr, amp, device):
 def measure(name, args, device):
     device_type = device.split(":")[0]
     torch.manual_seed(1337)
-    n_layer, n_head, n_embd = tg.GPT2_SIZES[args.model]
-    model = tg.GPT(tg.GPTConfig(vocab_size=50304, n_layer=n_layer, n_head=n_head, n_embd=n_embd)).to(device)
+    n_layer, n_head, n_embd, block_size = tg.MODELS[args.model][:4]
+    model = tg.GPT(tg.GPTConfig(block_size, 50304, n_layer, n_head, n_embd)).to(device)
     optimizer = model.configure_optimizers(0.1, 6e-4, device_type)
     B, T = args.batch_size, args.seq_len
     accum = tg.batch_plan(args.total_batch_size, B, T, 1)
@@ -88,7 +88,7 @@ def measure(name, args, device):
     sync()
     dt = (time.time() - t0) / args.steps
     tok_s = args.total_batch_size / dt
-    tflops = model.flops_per_token(T) * tok_s / 1e12
+    tflops = tg.flops_per_token(model.config, T) * tok_s / 1e12
     peak = tg.peak_flops(device_type)
     mem = torch.cuda.max_memory_allocated() / 2**30 if device_type == "cuda" else float("nan")
     mfu = f"{100 * tflops * 1e12 / peak:.1f}%" if peak else "n/a"
@@ -99,7 +99,7 @@ def measure(name, args, device):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    p.add_argument("--model", default="gpt2", choices=list(tg.GPT2_SIZES))
+    p.add_argument("--model", default="gpt2", choices=list(tg.MODELS))
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--seq_len", type=int, default=1024)
     p.add_argument("--total_batch_size", type=int, default=524288)

@@ -51,13 +51,11 @@ def train(args, **kwargs):
     return run_script([sys.executable, "train_gpt2.py", *args], **kwargs)
 
 
-def read_log(log_dir):
-    with open(os.path.join(log_dir, "log.txt")) as f:
-        return [line.split() for line in f.read().splitlines()]
-
-
 def records(log_dir, kind=None):
-    return [(int(s), k, float(v)) for s, k, v in read_log(log_dir) if kind in (None, k)]
+    """(step, kind, value) of every record in log_dir/log.txt, or of one kind."""
+    with open(os.path.join(log_dir, "log.txt")) as f:
+        rows = [line.split() for line in f.read().splitlines()]
+    return [(int(s), k, float(v)) for s, k, v in rows if kind in (None, k)]
 
 
 def ok(result):

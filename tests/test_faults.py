@@ -227,6 +227,42 @@ def test_two_ranks_killed_and_stopped_resume_to_the_uninterrupted_run(tmp_path, 
     assert log_text(log_dir) == ref_log
 
 
+def test_fsdp_stopped_and_killed_mid_checkpoint_resumes_to_the_uninterrupted_run(tmp_path, tmp_path_factory):
+    """The same with --fsdp, whose checkpoints are folders written by every rank: SIGTERM to torchrun (as a
+    container stop sends it), then every process killed while the sharded checkpoint is written, keeping 1."""
+    args = DDP_FAULT + ["--fsdp"]
+    reference = str(tmp_path_factory.mktemp("fsdp_reference") / "log")
+    ok(subprocess.run(TORCHRUN + ["train_gpt2.py", *args, "--log_dir", reference], cwd=ROOT, capture_output=True,
+                      text=True, timeout=600))
+    ref_log = log_text(reference)
+    log_dir = str(tmp_path / "log")
+    cmd = TORCHRUN + ["train_gpt2.py", *args, "--log_dir", log_dir, "--resume", "auto", "--keep_checkpoints", "1"]
+
+    run = Run(cmd, str(tmp_path))
+    run.wait_until(lines_reached(log_dir, record_index(ref_log, 4, "train")))  # in step 5: stops at 6
+    workers = worker_pids(run.proc.pid)
+    run.kill(signal.SIGTERM)
+    run.wait()
+    wait_dead(workers)
+    assert f"stopped at step 6 by SIGTERM; checkpoint {log_dir}/model_00006.dcp;" in run.output()[0]
+    assert torch.load(os.path.join(log_dir, "model_00006.dcp", "meta.pt"), weights_only=True)["evals_done"] is False
+
+    run = Run(cmd, str(tmp_path))
+    run.wait_until(lines_reached(log_dir, record_index(ref_log, 6, "train")))  # resumed at 6, now in step 7
+    workers = worker_pids(run.proc.pid)
+    run.wait_until(lambda: os.path.exists(os.path.join(log_dir, "model_00008.dcp.tmp")))
+    for pid in workers + [run.proc.pid]:
+        os.kill(pid, signal.SIGKILL)
+    run.wait()
+    wait_dead(workers)
+    assert checkpoints(log_dir) == [6]
+
+    r = ok(subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600))
+    assert f"resuming from {log_dir}/model_00006.dcp at step 6" in r.stdout
+    assert log_text(log_dir) == ref_log
+    assert sorted(os.listdir(log_dir)) == ["log.txt", "model_00012.dcp"]  # the half folder went, 1 kept
+
+
 # -----------------------------------------------------------------------------
 # SIGTERM: finish the step, save, exit 0; the checkpoint is the one a scheduled checkpoint would be
 

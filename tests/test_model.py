@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from helpers import save_tiny_hf_gpt2
-from train_gpt2 import GPT, GPTConfig, UserError, get_lr
+from train_gpt2 import GPT, GPTConfig, UserError, flops_per_token, get_lr, param_count
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +62,10 @@ def test_from_pretrained_refuses_a_wrong_shape(hf_dir, tmp_path):
 
 def test_124m_parameter_count_and_flops():
     model = GPT(GPTConfig(vocab_size=50304))
-    assert model.num_params() == 124_475_904
+    assert model.num_params() == param_count(model.config) == 124_475_904
     assert model.transformer.wte.weight is model.lm_head.weight  # tied
     # SPEC: 6N + 12 L d T with N without wpe = 855 MFLOP per token at T=1024
-    assert round(model.flops_per_token(1024) / 1e6) == 855
+    assert round(flops_per_token(model.config, 1024) / 1e6) == 855
 
 
 def test_init_statistics():

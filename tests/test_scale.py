@@ -1,0 +1,161 @@
+"""Scale-out: GPT-3 presets, the memory planner, FSDP2 equal to one process, sharded checkpoints that resume."""
+import json
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+from helpers import TINY, ok, records, run_script, train
+from train_gpt2 import GPT, MODELS, GPTConfig, memory_plan, param_count
+
+# Brown et al. 2020, Table 2.1: nominal sizes, and the paper's batch (tokens) and learning rate
+GPT3 = {"gpt3-125M": (125e6, 0.5e6, 6e-4), "gpt3-350M": (350e6, 0.5e6, 3e-4), "gpt3-760M": (760e6, 0.5e6, 2.5e-4),
+        "gpt3-1.3B": (1.3e9, 1e6, 2e-4), "gpt3-2.7B": (2.7e9, 1e6, 1.6e-4), "gpt3-6.7B": (6.7e9, 2e6, 1.2e-4),
+        "gpt3-13B": (13e9, 2e6, 1e-4), "gpt3-175B": (175e9, 3.2e6, 0.6e-4)}
+
+
+@pytest.mark.parametrize("name", GPT3)
+def test_gpt3_presets(name):
+    nominal, batch, lr = GPT3[name]
+    n_layer, n_head, n_embd, context, tokens, max_lr = MODELS[name]
+    config = GPTConfig(context, 50257, n_layer, n_head, n_embd)
+    assert abs(param_count(config) / nominal - 1) < 0.05, param_count(config)
+    assert context == 2048 and n_embd % n_head == 0 and max_lr == lr
+    assert abs(tokens / batch - 1) < 0.05 and tokens % 2048 == 0
+
+
+def test_param_count_formula_matches_a_built_model():
+    for config in [GPTConfig(64, 50304, 2, 2, 32), GPTConfig(2048, 50257, 12, 12, 768)]:
+        assert param_count(config) == GPT(config).num_params()
+
+
+def dry_run(*args):
+    r = ok(train(["--dry_run", *args]))
+    assert "Traceback" not in r.stderr
+    return r.stdout
+
+
+def test_dry_run_uses_the_preset_and_its_overrides():
+    out = dry_run("--model", "gpt3-350M", "--batch_size", "8", "--world_size", "8")
+    assert "n_layer=24, n_head=16, n_embd=1024" in out and "block_size=2048" in out
+    assert "524,288 tokens per step = 8 GPU(s) x B 8 x T 2048 x 4 accumulation steps" in out
+    assert "max LR 0.0003" in out
+    out = dry_run("--model", "gpt3-350M", "--batch_size", "8", "--seq_len", "1024", "--max_lr", "1e-3",
+                  "--total_batch_size", "65536")
+    assert "65,536 tokens per step = 1 GPU(s) x B 8 x T 1024 x 8 accumulation steps" in out and "max LR 0.001" in out
+
+
+def test_dry_run_memory_matches_a_measured_allocation():
+    """Weights + grads + AdamW state of the 124M, as the planner says and as allocated on the CPU."""
+    out = dry_run("--world_size", "1")
+    rows = {line[:34].strip(): [float(x) for x in line[34:].split()] for line in out.splitlines()[4:]}
+    planned = sum(rows[k][0] for k in ("weights (fp32)", "gradients (fp32)", "optimizer (AdamW m, v)")) * 2**30
+    model = GPT(GPTConfig(vocab_size=50304))
+    optimizer = model.configure_optimizers(0.1, 6e-4, "cpu")
+    _, loss = model(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))
+    loss.backward()
+    optimizer.step()
+    tensors = [p for p in model.parameters()] + [p.grad for p in model.parameters()]
+    tensors += [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    measured = sum(storages.values())
+    assert abs(planned / measured - 1) < 0.10, (planned, measured)
+    # FSDP keeps 1/world of them
+    plan = memory_plan(model.config, 64, 1024, 8, 2, False)
+    assert plan["optimizer (AdamW m, v)"][1] == plan["optimizer (AdamW m, v)"][0] / 8
+
+
+def test_activation_checkpointing_does_not_change_the_numbers():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(32, 128, 2, 2, 32))
+    idx = torch.randint(0, 128, (2, 16))
+    grads = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        model.activation_checkpointing = checkpointing
+        _, loss = model(idx, idx)
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-7)
+
+
+def torchrun(n, args, timeout=600):
+    return ok(run_script([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                          "train_gpt2.py", *args], timeout=timeout))
+
+
+# B * world = 8 in every run, so each step and each val pass reads the same sequences
+FSDP = ["--data", "input.txt", *TINY, "--seq_len", "32", "--total_batch_size", "512", "--max_steps", "6",
+        "--eval_every", "3", "--val_steps", "2", "--sample_every", "0", "--checkpoint_every", "3",
+        "--warmup_steps", "5", "--max_lr", "1e-2", "--hellaswag_every", "0"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fsdp")
+    ok(train(FSDP + ["--batch_size", "8", "--log_dir", str(d / "one")]))
+    torchrun(2, FSDP + ["--batch_size", "4", "--fsdp", "--log_dir", str(d / "two")])
+    return d
+
+
+def test_fsdp_on_two_ranks_equals_one_process(fsdp_run):
+    one, two = records(str(fsdp_run / "one")), records(str(fsdp_run / "two"))
+    assert [r[:2] for r in one] == [r[:2] for r in two] and len(one) == 6 + 3
+    assert all(abs(a[2] - b[2]) < 1e-5 for a, b in zip(one, two)), (one, two)
+    ckpt = fsdp_run / "two" / "model_00006.dcp"
+    assert sorted(os.listdir(ckpt)) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+    assert not (fsdp_run / "two" / "model_00006.dcp.tmp").exists()
+    meta = torch.load(str(ckpt / "meta.pt"), weights_only=True)
+    assert meta["step"] == 6 and meta["loader"] == torch.load(str(fsdp_run / "one" / "model_00006.pt"),
+                                                              weights_only=True)["loader"]
+
+
+@pytest.mark.parametrize("world", [2, 1])
+def test_fsdp_checkpoint_resumes(fsdp_run, tmp_path, world):
+    """Back to step 3 from the sharded checkpoint: exactly the same run on 2 ranks, the same within
+    float rounding on 1 rank (DCP reshards the weights and AdamW state)."""
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    shutil.copy(fsdp_run / "two" / "log.txt", log_dir / "log.txt")
+    shutil.copytree(fsdp_run / "two" / "model_00003.dcp", log_dir / "model_00003.dcp")
+    r = torchrun(world, FSDP + ["--batch_size", str(8 // world), "--fsdp", "--log_dir", str(log_dir), "--resume", "auto"])
+    assert "resuming from" in r.stdout and "model_00003.dcp" in r.stdout
+    full, resumed = records(str(fsdp_run / "two")), records(str(log_dir))
+    if world == 2:
+        assert open(log_dir / "log.txt").read() == open(fsdp_run / "two" / "log.txt").read()
+    assert [r[:2] for r in full] == [r[:2] for r in resumed]
+    assert all(abs(a[2] - b[2]) < 1e-5 for a, b in zip(full, resumed))
+
+
+def test_fsdp_hellaswag_in_the_loop_equals_one_process(tmp_path):
+    """13 examples over 2 ranks: rank 0's of many lengths, rank 1's short, so rank 0 needs more batches
+    (padded lengths) than rank 1, while FSDP needs every rank in every forward."""
+    data = tmp_path / "hs.jsonl"
+    words = "the a cat sat on mat and then ran off to see king queen who said hello world".split()
+    with open(data, "w") as f:
+        for i in range(13):
+            n = 10 + 14 * (i // 2) if i % 2 == 0 else 5
+            ctx = " ".join(words[(i + k) % len(words)] for k in range(n))
+            endings = [" ".join(words[(i * j + k) % len(words)] for k in range(2 + j)) for j in range(4)]
+            f.write(json.dumps({"ctx": ctx, "endings": endings, "label": i % 4}) + "\n")
+    args = FSDP + ["--max_steps", "1", "--eval_every", "0", "--checkpoint_every", "0", "--hellaswag_every", "1",
+                   "--hellaswag_data", str(data), "--block_size", "128"]
+    ok(train(args + ["--batch_size", "8", "--log_dir", str(tmp_path / "one")]))
+    torchrun(2, args + ["--batch_size", "4", "--fsdp", "--log_dir", str(tmp_path / "two")], timeout=120)
+    one, two = records(str(tmp_path / "one"), "hella"), records(str(tmp_path / "two"), "hella")
+    assert len(one) == 2 and one == two
+
+
+def test_fsdp_refusals(tmp_path, fsdp_run):
+    r = train(FSDP + ["--batch_size", "8", "--fsdp", "--log_dir", str(tmp_path / "a")])
+    assert r.returncode == 1 and "torchrun" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = train(FSDP + ["--batch_size", "8", "--log_dir", str(tmp_path / "b"), "--resume",
+                      str(fsdp_run / "two" / "model_00003.dcp")])
+    assert r.returncode == 1 and "with --fsdp" in r.stderr
+    broken = tmp_path / "model_00003.dcp"
+    shutil.copytree(fsdp_run / "two" / "model_00003.dcp", broken)
+    os.remove(broken / ".metadata")
+    r = train(FSDP + ["--batch_size", "8", "--log_dir", str(tmp_path / "c"), "--resume", str(broken)])
+    assert r.returncode == 1 and "incomplete" in r.stderr
