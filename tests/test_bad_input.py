@@ -98,6 +98,7 @@ CASES = [
     ("train_gpt2.py", ["--device", "tpu"], "use auto, cpu, cuda, cuda:N or mps"),
     ("train_gpt2.py", ["--max_steps", "-3"], "--max_steps must be positive"),
     ("train_gpt2.py", ["--n_head", "0"], "--n_head must be positive"),
+    ("train_gpt2.py", ["--seq_len", "0"], "--seq_len must be positive"),
     ("train_gpt2.py", ["--n_head", "3"], "not divisible by --n_head"),
     ("train_gpt2.py", ["--vocab_size", "100"], "--vocab_size must hold"),
     ("train_gpt2.py", ["--max_lr", "nan"], "--max_lr must be a finite number"),
