@@ -94,6 +94,52 @@ class Block(nn.Module):
         return x
 
 
+class ChunkedLMHeadLoss(torch.autograd.Function):
+    """Mean cross-entropy of the logits x @ weight.T, computed `rows` rows at a time.
+
+    A B=64, T=1024 batch has 65536 x 50304 logits: 6.6 GB in bf16, and the softmax works on an fp32 copy.
+    Here one chunk's logits exist at a time. The loss is the graph's last op, so its gradient is known in
+    the forward: each chunk's (softmax - one-hot) goes straight into the grads of x and of the weight, and
+    the backward only scales them. The matmuls are the same three as the plain lm_head's, in the same dtype."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, rows, dtype, want_grads):
+        n = x.size(0)
+        w = weight.to(dtype)
+        loss = torch.zeros((), device=x.device)
+        grad_x = torch.empty_like(x) if want_grads else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_grads else None
+        for i in range(0, n, rows):
+            xc, tc = x[i:i + rows].to(dtype), targets[i:i + rows, None]
+            logits = (xc @ w.t()).float()
+            lse = torch.logsumexp(logits, dim=1, keepdim=True)
+            loss += (lse - logits.gather(1, tc)).sum()
+            if want_grads:
+                # d(loss sum)/d(logits), not yet divided by n: a power of two in bf16 loses nothing either way,
+                # and in fp16 the small probabilities would underflow sooner
+                g = (logits - lse).exp().scatter_add(1, tc, torch.full_like(lse, -1.0)).to(dtype)
+                grad_x[i:i + rows] = g @ w
+                grad_w += g.t() @ xc
+        if want_grads:
+            ctx.save_for_backward(grad_x, grad_w)
+            ctx.n, ctx.weight_dtype = n, weight.dtype
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        scale = grad_loss / ctx.n
+        return grad_x * scale, (grad_w * scale).to(ctx.weight_dtype), None, None, None, None
+
+
+def chunked_cross_entropy(x, weight, targets, rows):
+    """F.cross_entropy(x @ weight.T, targets) without the full logits; x is (N, C), targets (N,)."""
+    device_type = x.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    want_grads = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return ChunkedLMHeadLoss.apply(x, weight, targets, rows, dtype, want_grads)
+
+
 # sizes of OpenAI's checkpoints: (n_layer, n_head, n_embd)
 GPT2_SIZES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024),
               "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600)}
@@ -137,6 +183,7 @@ class GPT(nn.Module):
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
         self.activation_checkpointing = False  # recompute each block in the backward instead of storing it
+        self.loss_chunk_rows = 0  # > 0: the training loss by chunked_cross_entropy, never the full logits
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -162,6 +209,9 @@ class GPT(nn.Module):
             else:
                 x = block(x)
         x = self.transformer.ln_f(x)
+        if targets is not None and self.loss_chunk_rows:  # training: the loss, never the full logits
+            return None, chunked_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
+                                               self.loss_chunk_rows)
         logits = self.lm_head(x)  # (B, T, vocab_size)
         loss = None
         if targets is not None:
@@ -277,8 +327,8 @@ class DataLoader:
     order inside each shard are permuted, seeded by (seed, epoch), so the state is three integers.
     """
 
-    def __init__(self, shards, B, T, rank=0, world_size=1, shuffle=False, seed=0, split="train"):
-        self.shards, self.B, self.T = shards, B, T
+    def __init__(self, shards, B, T, rank=0, world_size=1, shuffle=False, seed=0, split="train", pin_memory=False):
+        self.shards, self.B, self.T, self.pin_memory = shards, B, T, pin_memory
         self.rank, self.world_size, self.shuffle, self.seed = rank, world_size, shuffle, seed
         self.windows = [max(len(s) - 1, 0) // T for s in shards]
         if sum(self.windows) < B * world_size:
@@ -336,7 +386,10 @@ class DataLoader:
         mine = picks[self.rank * self.B:(self.rank + 1) * self.B]
         T = self.T
         buf = np.stack([self.shards[s][w * T:w * T + T + 1] for s, w in mine]).astype(np.int64)
-        return torch.from_numpy(buf[:, :-1].copy()), torch.from_numpy(buf[:, 1:].copy())
+        x, y = torch.from_numpy(buf[:, :-1].copy()), torch.from_numpy(buf[:, 1:].copy())
+        if self.pin_memory:  # page-locked: the copy to the GPU runs while the host goes on to the next batch
+            x, y = x.pin_memory(), y.pin_memory()
+        return x, y
 
 
 # -----------------------------------------------------------------------------
@@ -404,7 +457,7 @@ def evaluate_loss(model, loader, steps, amp, device):
     for _ in range(steps):
         x, y = loader.next_batch()
         with amp:
-            _, loss = model(x.to(device), y.to(device))
+            _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
         total += loss.detach() / steps
     if dist.is_initialized():
         dist.all_reduce(total)
@@ -639,6 +692,10 @@ def parse_args(argv=None):
     a("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
       help="autocast dtype; auto: bf16 on CUDA (fp16 + GradScaler without bf16), fp32 elsewhere")
     a("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile; auto: on for CUDA")
+    a("--compile_mode", default="default", choices=["default", "max-autotune-no-cudagraphs", "max-autotune"],
+      help="torch.compile mode: autotune the matmul kernels (slow to compile), with CUDA graphs or without")
+    a("--loss_chunk_rows", type=int, default=0,
+      help="compute lm_head + cross-entropy this many rows at a time, never the full logits (0: all at once)")
     a("--seed", type=int, default=1337)
     a("--fsdp", action="store_true", help="shard weights, grads and optimizer over the GPUs (FSDP2) instead of DDP")
     a("--activation_checkpointing", action="store_true", help="recompute each block in the backward: less memory")
@@ -650,7 +707,7 @@ def parse_args(argv=None):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             p.error(f"--{name} must be positive")
     for name in ("eval_every", "hellaswag_every", "sample_every", "checkpoint_every", "warmup_steps",
-                 "keep_checkpoints", "seed"):
+                 "keep_checkpoints", "seed", "loss_chunk_rows"):
         if getattr(args, name) < 0:
             p.error(f"--{name} must be 0 or more")
     for name in ("max_lr", "min_lr", "weight_decay", "grad_clip"):
@@ -679,21 +736,25 @@ def apply_preset(args):
     return config
 
 
-def memory_plan(config, B, T, world, amp_bytes, activation_checkpointing):
+def memory_plan(config, B, T, world, amp_bytes, activation_checkpointing, loss_chunk_rows=0):
     """Estimated bytes per GPU of each part of training, {part: (DDP, FSDP)}.
 
     Weights, grads and AdamW's two moments are fp32: 16 bytes per parameter, all on every GPU with DDP
     (plus its gradient buckets, one more copy of the grads), 1/world of them with FSDP (plus the gathered
     weights and grads of the block at work and the next, and of the root: embeddings and ln_f). Activations
     follow Korthikanti et al. 2022 with flash attention: 34 B T d bytes per layer at 2 bytes per value; with
-    activation checkpointing only each block's input stays, and one block is recomputed at a time.
+    activation checkpointing only each block's input stays, and one block is recomputed at a time. The
+    chunked loss holds one chunk's logits, and the fp32 grads of the lm_head's input and weight.
     """
     N, d, L = param_count(config), config.n_embd, config.n_layer
     block = block_params(d)
     root = N - L * block
     per_layer = 34 * B * T * d * amp_bytes // 2
     activations = (L * B * T * d * amp_bytes + per_layer) if activation_checkpointing else L * per_layer
-    logits = B * T * config.vocab_size * (amp_bytes + 4 + 4)  # the logits, their fp32 copy for the loss, its grad
+    rows = min(loss_chunk_rows, B * T) if loss_chunk_rows else B * T
+    logits = rows * config.vocab_size * (amp_bytes + 4 + 4)  # the logits, their fp32 copy for the loss, its grad
+    if loss_chunk_rows:
+        logits += 4 * (B * T + config.vocab_size) * d
     return {"weights (fp32)": (4 * N, 4 * N / world), "gradients (fp32)": (4 * N, 4 * N / world),
             "optimizer (AdamW m, v)": (8 * N, 8 * N / world),
             "DDP buckets / FSDP gathered": (4 * N, (2 * 2 * block + 2 * root) * amp_bytes) if world > 1 else (0, 0),
@@ -710,7 +771,8 @@ def dry_run(args, config):
     print(f"batch: {args.total_batch_size:,} tokens per step = {world} GPU(s) x B {args.batch_size} x "
           f"T {args.seq_len} x {accum} accumulation steps")
     print(f"memory per GPU, estimated (GiB){'DDP':>12s}{'FSDP':>10s}")
-    plan = memory_plan(config, args.batch_size, args.seq_len, world, amp_bytes, args.activation_checkpointing)
+    plan = memory_plan(config, args.batch_size, args.seq_len, world, amp_bytes, args.activation_checkpointing,
+                       args.loss_chunk_rows)
     for part, (ddp, fsdp) in [*plan.items(), ("total", tuple(map(sum, zip(*plan.values()))))]:
         print(f"  {part:32s}{ddp / 2**30:10.2f}{fsdp / 2**30:10.2f}")
 
@@ -807,8 +869,9 @@ def main(argv=None):
 
     # the data
     splits = load_splits(args.data, need_val=args.eval_every > 0)
-    train_loader = DataLoader(splits["train"], B, T, rank, world, args.shuffle, args.seed, "train")
-    val_loader = DataLoader(splits["val"], B, T, rank, world, split="val") if args.eval_every else None
+    pin = device_type == "cuda"
+    train_loader = DataLoader(splits["train"], B, T, rank, world, args.shuffle, args.seed, "train", pin)
+    val_loader = DataLoader(splits["val"], B, T, rank, world, split="val", pin_memory=pin) if args.eval_every else None
     hella_examples = None
     if args.hellaswag_every:
         import hellaswag  # loads (downloading once per node) now, so a missing source fails before training
@@ -826,6 +889,7 @@ def main(argv=None):
             raise UserError("--fsdp trains in bf16 or fp32, not fp16: pass --dtype bf16 or fp32")
         shard_model(model, amp_dtype)  # before the optimizer, which must hold the sharded parameters
     model.activation_checkpointing = args.activation_checkpointing
+    model.loss_chunk_rows = args.loss_chunk_rows
     optimizer = model.configure_optimizers(args.weight_decay, args.max_lr, device_type)
 
     # resume, or start a fresh run
@@ -875,7 +939,7 @@ def main(argv=None):
     # compile and wrap. Evaluation runs the compiled module directly (same shapes as training, compiled
     # once more for no_grad); sampling grows its input every token, so it runs the eager model.
     use_compile = args.compile == "on" or (args.compile == "auto" and device_type == "cuda")
-    compiled = torch.compile(model) if use_compile else model
+    compiled = torch.compile(model, mode=args.compile_mode) if use_compile else model
     train_model = compiled
     if world > 1 and not args.fsdp:
         train_model = DDP(compiled, device_ids=[local_rank] if device_type == "cuda" else None)

@@ -107,6 +107,8 @@ CASES = [
     ("train_gpt2.py", ["--dist_timeout", "0"], "--dist_timeout must be positive"),
     ("train_gpt2.py", ["--sample_every", "1", "--sample_prompt="], "--sample_prompt is empty"),
     ("train_gpt2.py", ["--compile", "maybe"], "argument --compile: invalid choice"),
+    ("train_gpt2.py", ["--compile_mode", "fast"], "argument --compile_mode: invalid choice"),
+    ("train_gpt2.py", ["--loss_chunk_rows", "-8"], "--loss_chunk_rows must be 0 or more"),
     ("train_gpt2.py", ["--batch_size", "x"], "argument --batch_size: invalid int value"),
     ("train_gpt2.py", ["--hellaswag_every", "2", "--hellaswag_data", "{d}/bad_hella.jsonl"],
      "{d}/bad_hella.jsonl: line 1: 'label' must be 0, 1, 2 or 3 (got 9)"),

@@ -112,6 +112,13 @@ def test_fsdp_on_two_ranks_equals_one_process(fsdp_run):
                                                               weights_only=True)["loader"]
 
 
+def test_fsdp_with_the_chunked_loss_equals_one_process_with_the_plain_loss(fsdp_run, tmp_path):
+    torchrun(2, FSDP + ["--batch_size", "4", "--fsdp", "--loss_chunk_rows", "20", "--log_dir", str(tmp_path)])
+    one, two = records(str(fsdp_run / "one")), records(str(tmp_path))
+    assert [r[:2] for r in one] == [r[:2] for r in two] and len(one) == 6 + 3
+    assert all(abs(a[2] - b[2]) < 1e-5 for a, b in zip(one, two)), (one, two)
+
+
 @pytest.mark.parametrize("world", [2, 1])
 def test_fsdp_checkpoint_resumes(fsdp_run, tmp_path, world):
     """Back to step 3 from the sharded checkpoint: exactly the same run on 2 ranks, the same within

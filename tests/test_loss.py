@@ -1,0 +1,121 @@
+"""The chunked lm_head + cross-entropy (--loss_chunk_rows) equals the plain full-logits loss, with its gradients."""
+import contextlib
+
+import pytest
+import torch
+from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from helpers import FAST, ok, records, train
+from train_gpt2 import GPT, GPTConfig, chunked_cross_entropy
+
+N, C, V = 96, 24, 500  # rows, width, vocabulary
+
+
+def inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, C, generator=g, dtype=torch.float64).float().requires_grad_()
+    w = (0.3 * torch.randn(V, C, generator=g)).requires_grad_()
+    targets = torch.randint(0, V, (N,), generator=g)
+    return x, w, targets
+
+
+def loss_and_grads(loss_fn, amp=contextlib.nullcontext(), upstream=0.37):
+    x, w, targets = inputs()
+    with amp:
+        loss = loss_fn(x, w, targets)
+    (upstream * loss).backward()  # the backward scales by whatever comes from above (1/accum, the fp16 scale)
+    return loss.detach(), x.grad, w.grad
+
+
+def plain(x, w, targets):
+    return F.cross_entropy(x @ w.t(), targets)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 32, N, 1000])  # 7 leaves a short last chunk; 1000 is one chunk
+def test_loss_and_gradients_equal_the_plain_ones_in_fp32(rows):
+    ref = loss_and_grads(plain)
+    got = loss_and_grads(lambda x, w, t: chunked_cross_entropy(x, w, t, rows))
+    for a, b in zip(got, ref):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert (a - b).abs().max().item() <= 1e-6 * max(1.0, b.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_under_autocast_it_matches_the_plain_loss_to_the_dtypes_rounding(dtype):
+    amp = torch.autocast("cpu", dtype=dtype)
+    ref = loss_and_grads(plain, amp)
+    got = loss_and_grads(lambda x, w, t: chunked_cross_entropy(x, w, t, 32), amp)
+    exact = loss_and_grads(plain)  # fp32: both must be as close to it as rounding to 8 or 11 bits allows
+    assert got[0].dtype == torch.float32
+    for a, b, e in zip(got, ref, exact):
+        scale = e.abs().max().item()
+        assert (a - e).abs().max().item() <= 2 * (b - e).abs().max().item() + 1e-3 * scale
+        assert (a - b).abs().max().item() <= 2e-2 * scale
+
+
+def test_without_grad_it_only_computes_the_loss():
+    x, w, targets = inputs()
+    with torch.no_grad():
+        loss = chunked_cross_entropy(x, w, targets, 10)
+    assert loss.grad_fn is None
+    assert abs(loss.item() - plain(x, w, targets).item()) < 1e-6
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any op creates."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+def model_grads(rows, idx, compile=False):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=V, n_layer=2, n_head=2, n_embd=C))
+    model.loss_chunk_rows = rows
+    _, loss = (torch.compile(model) if compile else model)(idx[:, :-1], idx[:, 1:])
+    loss.backward()
+    return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def test_the_model_never_holds_the_full_logits_and_trains_the_same():
+    idx = torch.randint(0, V, (4, 33), generator=torch.Generator().manual_seed(1))  # 128 rows of logits
+    sizes = {}
+    for rows in (0, 16):
+        with LargestTensor() as seen:
+            sizes[rows] = model_grads(rows, idx)
+        sizes[rows] = (*sizes[rows], seen.numel)
+    (loss0, grads0, largest0), (loss16, grads16, largest16) = sizes[0], sizes[16]
+    assert largest0 >= 128 * V  # the plain loss makes the (128, V) logits
+    assert largest16 < 128 * V / 2  # chunks of 16 rows: the largest tensor is a weight, V x C
+    assert abs(loss0 - loss16) < 1e-6
+    assert (grads0 - grads16).abs().max().item() < 1e-6  # tied wte/lm_head included
+
+
+def test_compiled_equals_eager():
+    idx = torch.randint(0, V, (4, 33), generator=torch.Generator().manual_seed(2))
+    loss_e, grads_e = model_grads(16, idx)
+    loss_c, grads_c = model_grads(16, idx, compile=True)
+    assert abs(loss_e - loss_c) < 1e-5
+    assert (grads_e - grads_c).abs().max().item() < 1e-5
+
+
+def test_training_with_the_flag_logs_the_same_losses(tmp_path):
+    runs = {}
+    for rows in (0, 50):  # 4 x 32 = 128 rows per micro-batch: chunks of 50, 50, 28
+        log_dir = tmp_path / f"rows{rows}"
+        ok(train(FAST + ["--max_steps", "6", "--eval_every", "3", "--val_steps", "2", "--log_dir", str(log_dir),
+                         "--loss_chunk_rows", str(rows)]))
+        runs[rows] = records(log_dir)
+    assert [(s, k) for s, k, _ in runs[0]] == [(s, k) for s, k, _ in runs[50]]
+    assert len(runs[0]) == 6 + 3  # train losses of steps 0-5, val losses at 0, 3 and 6
+    for (_, _, a), (_, _, b) in zip(runs[0], runs[50]):
+        assert abs(a - b) < 1e-4
