@@ -1,12 +1,16 @@
-"""Time the training step of train_gpt2.py, and the lecture's step beside it, in one run.
+"""Time the training step of train_gpt2.py against the lecture's, one speed lever at a time, in one run.
 
-    python bench/train_speed.py                       # GPT-2 124M, B=64, T=1024, 2**19-token steps, random tokens
-    python bench/train_speed.py --baseline            # also the lecture's step; prints both and the ratio
-    python bench/train_speed.py --data edu_fineweb10B # real shards instead of random tokens
+    python bench/train_speed.py                                  # baseline, ours, chunked: GPT-2 124M, B=64
+    python bench/train_speed.py --variants baseline chunked cudnn
+    python bench/train_speed.py --data edu_fineweb10B            # real shards instead of random tokens
 
-"ours" calls train_gpt2.train_step itself (not a copy). "baseline" is the lecture's loop: the same model
-compiled, plain cross-entropy, batches built on the host and copied unpinned, .backward() per micro-step.
-Prints tok/s, model TFLOP/s (6N + 12 L d T per token), MFU against the card's bf16 peak, peak memory.
+Every variant builds the same model from the same seed and reads the same batches through
+train_gpt2.DataLoader, so their losses must agree to bf16 rounding: each line prints the largest loss
+difference from the first variant. "baseline" is the lecture's step: the model compiled, plain
+cross-entropy, batches copied from pageable memory, the loss read every step. The others call
+train_gpt2.train_step itself (not a copy), with the levers below. Each line gives ms/step, tok/s, model
+TFLOP/s (6N + 12 L d T per token), MFU against the card's bf16 peak, and peak memory allocated
+(reserved); the last column is the speed against the first variant.
 """
 import argparse
 import contextlib
@@ -15,24 +19,22 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_gpt2 as tg  # noqa: E402
 
-
-class RandomTokens:
-    """Stands in for the DataLoader: a few fixed random batches, served round-robin."""
-
-    def __init__(self, B, T, vocab=50257, n=8, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.batches = [torch.randint(0, vocab, (B, T + 1), generator=g) for _ in range(n)]
-        self.i = 0
-
-    def next_batch(self):
-        buf = self.batches[self.i % len(self.batches)]
-        self.i += 1
-        return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
+# lever settings of each variant; anything not named is the trainer's default
+VARIANTS = {
+    "baseline": dict(lecture=True, pin=False),
+    "ours": dict(),                                      # train_step, the trainer's defaults (pinned batches)
+    "unpinned": dict(chunk=8192, pin=False),             # chunked with pageable batches: what pinning gives
+    "chunked": dict(chunk=8192),                         # --loss_chunk_rows 8192
+    "cudnn": dict(chunk=8192, sdpa="CUDNN_ATTENTION"),   # chunked, attention by cuDNN instead of flash
+    "autotune": dict(chunk=8192, mode="max-autotune-no-cudagraphs"),  # --compile_mode
+    "cudagraphs": dict(chunk=8192, mode="max-autotune"),
+}
 
 
 def lecture_step(model, optimizer, loader, grad_accum_steps, lr, amp, device):
@@ -54,51 +56,53 @@ def lecture_step(model, optimizer, loader, grad_accum_steps, lr, amp, device):
     return loss_accum, norm
 
 
-def measure(name, args, device):
+def measure(name, args, shards, device):
+    """Seconds per step, peak memory (allocated, reserved) and the loss of every step of one variant."""
+    lever = VARIANTS[name]
     device_type = device.split(":")[0]
+    torch._dynamo.reset()  # each variant compiles afresh, with its own settings
     torch.manual_seed(1337)
     n_layer, n_head, n_embd, block_size = tg.MODELS[args.model][:4]
     model = tg.GPT(tg.GPTConfig(block_size, 50304, n_layer, n_head, n_embd)).to(device)
+    model.loss_chunk_rows = lever.get("chunk", 0)
     optimizer = model.configure_optimizers(0.1, 6e-4, device_type)
     B, T = args.batch_size, args.seq_len
     accum = tg.batch_plan(args.total_batch_size, B, T, 1)
-    if args.data:
-        loader = tg.DataLoader(tg.load_splits(args.data, need_val=False)["train"], B, T)
-    else:
-        loader = RandomTokens(B, T)
+    loader = tg.DataLoader(shards, B, T, pin_memory=lever.get("pin", device_type == "cuda"))
     amp_dtype = tg.autocast_dtype(args.dtype, device_type)
     amp = contextlib.nullcontext() if amp_dtype == torch.float32 else torch.autocast(device_type, dtype=amp_dtype)
     scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == torch.float16)
-    compiled = torch.compile(model) if args.compile else model
+    compiled = torch.compile(model, mode=lever.get("mode", "default")) if args.compile else model
     sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
     if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    sdpa = contextlib.nullcontext()
+    if "sdpa" in lever:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        sdpa = sdpa_kernel(getattr(SDPBackend, lever["sdpa"]))
 
     def step():
-        if name == "ours":
-            loss, _ = tg.train_step(compiled, optimizer, loader, accum, 6e-4, amp, scaler, 1.0, device)
-        else:
+        if lever.get("lecture"):
             loss, _ = lecture_step(compiled, optimizer, loader, accum, 6e-4, amp, device)
-        return loss.item()
+        else:
+            loss, _ = tg.train_step(compiled, optimizer, loader, accum, 6e-4, amp, scaler, 1.0, device)
+        return loss.item()  # one host sync per step, as both loops do
 
-    losses = [step() for _ in range(args.warmup)]  # compilation and allocator warm-up
-    sync()
-    t0 = time.time()
-    losses += [step() for _ in range(args.steps)]
-    sync()
-    dt = (time.time() - t0) / args.steps
-    tok_s = args.total_batch_size / dt
-    tflops = tg.flops_per_token(model.config, T) * tok_s / 1e12
-    peak = tg.peak_flops(device_type)
-    mem = torch.cuda.max_memory_allocated() / 2**30 if device_type == "cuda" else float("nan")
-    mfu = f"{100 * tflops * 1e12 / peak:.1f}%" if peak else "n/a"
-    print(f"{name:8s} {dt * 1000:9.1f} ms/step {tok_s:12,.0f} tok/s {tflops:7.1f} TFLOP/s  MFU {mfu:>6s}  "
-          f"peak mem {mem:6.2f} GiB  losses {' '.join(f'{x:.4f}' for x in losses[:4])}")
-    return tok_s  # the model and optimizer go with this frame; main() frees their memory
+    with sdpa:
+        losses = [step() for _ in range(args.warmup)]  # compilation and allocator warm-up
+        sync()
+        t0 = time.perf_counter()
+        losses += [step() for _ in range(args.steps)]
+        sync()
+        dt = (time.perf_counter() - t0) / args.steps
+    mem = (torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()) if device_type == "cuda" else None
+    return dt, mem, losses, tg.flops_per_token(model.config, T)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    p.add_argument("--variants", nargs="+", default=["baseline", "ours", "chunked"], choices=list(VARIANTS),
+                   help="what to time, in this order; ratios and loss differences are against the first")
     p.add_argument("--model", default="gpt2", choices=list(tg.MODELS))
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--seq_len", type=int, default=1024)
@@ -109,23 +113,42 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--no_compile", dest="compile", action="store_false")
-    p.add_argument("--baseline", action="store_true", help="also time the lecture's step and print the ratio")
     args = p.parse_args()
     if args.device.startswith("cuda"):
         torch.set_float32_matmul_precision("high")
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
     print(f"model {args.model}, B={args.batch_size}, T={args.seq_len}, {args.total_batch_size:,} tokens/step, "
-          f"compile={args.compile}, {'shards ' + args.data if args.data else 'random tokens'}")
+          f"compile={args.compile}, {'shards ' + args.data if args.data else 'random tokens'}, "
+          f"{args.warmup}+{args.steps} steps", flush=True)
     try:
-        base = measure("baseline", args, args.device) if args.baseline else None
-        gc.collect()
-        if args.device.startswith("cuda"):
-            torch.cuda.empty_cache()
-        ours = measure("ours", args, args.device)
+        if args.data:
+            shards = tg.load_splits(args.data, need_val=False)["train"]
+        else:  # random tokens, enough for a few steps; the loader goes round them again after that
+            micro_batches = 8 * args.batch_size * args.seq_len
+            shards = [np.random.default_rng(0).integers(0, 50257, micro_batches + 1, dtype=np.uint16)]
     except tg.UserError as e:
         sys.exit(f"error: {e}")
-    if base:
-        print(f"ours / baseline: {ours / base:.3f}x")
+    peak = tg.peak_flops(args.device.split(":")[0])
+    first = None
+    for name in args.variants:
+        try:
+            dt, mem, losses, flops = measure(name, args, shards, args.device)
+        except Exception as e:  # one failing lever must not cost the others' figures
+            print(f"{name:10s} failed: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}",
+                  flush=True)
+            continue
+        finally:
+            gc.collect()
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+        tok_s = args.total_batch_size / dt
+        first = first or (tok_s, losses)
+        mfu = f"{100 * flops * tok_s / peak:5.1f}%" if peak else "  n/a"
+        memory = f"{mem[0] / 2**30:6.2f} ({mem[1] / 2**30:6.2f}) GiB" if mem else "n/a"
+        diff = max(abs(a - b) for a, b in zip(losses, first[1]))
+        print(f"{name:10s} {dt * 1000:8.1f} ms/step {tok_s:11,.0f} tok/s {flops * tok_s / 1e12:6.1f} TFLOP/s "
+              f"MFU {mfu}  mem {memory}  |dloss| {diff:.4f}  {tok_s / first[0]:.3f}x", flush=True)
+        print(f"{'':10s} losses {' '.join(f'{x:.4f}' for x in losses)}", flush=True)
 
 
 if __name__ == "__main__":
