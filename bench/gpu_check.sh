@@ -41,7 +41,7 @@ with open(f"{data}/hellaswag.jsonl", "w") as f:
 PY
 
 echo "== 1. the training step against the lecture's"
-timeout 300 python3 bench/train_speed.py --variants baseline ours chunked "${SIZE[@]}" "${BENCH[@]}" \
+timeout 300 python3 bench/train_speed.py --baseline --variants ours chunked "${SIZE[@]}" "${BENCH[@]}" \
     > "$OUT/train_speed.log" 2>&1
 echo "exit $?"; grep -v "^ *losses" "$OUT/train_speed.log" | tail -6; grep "^ *losses" "$OUT/train_speed.log"
 
