@@ -547,21 +547,40 @@ def shard_model(model, amp_dtype):
 
 def save_sharded_checkpoint(path, model, optimizer, meta):
     """FSDP: each rank writes its shards with torch.distributed.checkpoint into path + '.tmp', then rank 0
-    adds meta.pt and renames the folder, so a complete folder is the only kind under the final name."""
+    adds meta.pt and renames the folder, so a complete folder is the only kind under the final name. A
+    failure on any rank (a full disk) is the same UserError on every rank, and leaves no folder."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     model_state, optim_state = get_state_dict(model, optimizer)
-    tmp = path + ".tmp"
-    if dist.get_rank() == 0 and os.path.exists(tmp):
+    tmp, master = path + ".tmp", dist.get_rank() == 0
+    if master and os.path.exists(tmp):
         shutil.rmtree(tmp)
     dist.barrier()
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
-    if dist.get_rank() == 0:
-        save_checkpoint(os.path.join(tmp, "meta.pt"), meta)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    dist.barrier()
+    error = [None]
+    try:
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
+    except dcp.api.CheckpointException as e:  # raised on every rank, holding each failed rank's exception
+        error[0] = checkpoint_error(e, f"cannot write checkpoint {path}")
+    if master and error[0] is None:
+        try:
+            save_checkpoint(os.path.join(tmp, "meta.pt"), meta)
+            if os.path.exists(path):
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        except (UserError, OSError) as e:
+            error[0] = str(e) if isinstance(e, UserError) else f"cannot write checkpoint {path}: {e.strerror or e}"
+    dist.broadcast_object_list(error, src=0)  # rank 0's outcome is everyone's
+    if error[0] is not None:
+        if master:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(error[0])
+
+
+def checkpoint_error(e, what):
+    """One line for a CheckpointException: what failed, and the first rank's OSError (or its exception)."""
+    errors = [exc for exc, _ in e.failures.values()]
+    cause = next((x for x in errors if isinstance(x, OSError)), errors[0] if errors else e)
+    return f"{what}: {cause.strerror if isinstance(cause, OSError) and cause.strerror else type(cause).__name__}"
 
 
 def load_sharded_state(path, model, optimizer):
@@ -570,7 +589,10 @@ def load_sharded_state(path, model, optimizer):
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optim_state}
-    dcp.load(state, checkpoint_id=path)
+    try:
+        dcp.load(state, checkpoint_id=path)
+    except dcp.api.CheckpointException as e:
+        raise UserError(checkpoint_error(e, f"checkpoint {path} is truncated or corrupt"))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 

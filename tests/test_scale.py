@@ -119,6 +119,53 @@ def test_fsdp_with_the_chunked_loss_equals_one_process_with_the_plain_loss(fsdp_
     assert all(abs(a[2] - b[2]) < 1e-5 for a, b in zip(one, two)), (one, two)
 
 
+# every process of the launch imports this (a sitecustomize.py on PYTHONPATH): fsync fails as on a full disk
+# for the files whose path holds $FULL_DISK_AT
+FULL_DISK = """
+import errno, os
+_fsync = os.fsync
+def fsync(fd):
+    if os.environ["FULL_DISK_AT"] in os.readlink(f"/proc/self/fd/{fd}"):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    _fsync(fd)
+os.fsync = fsync
+"""
+
+
+@pytest.mark.parametrize("at", ["model_00006.dcp.tmp/__1_", "model_00006.dcp.tmp/meta.pt"])
+def test_fsdp_full_disk_while_checkpointing(fsdp_run, tmp_path, at):
+    """Rank 1's shard, or rank 0's meta.pt after the shards, cannot be written: every rank stops with the same
+    one-line error, the previous checkpoint stays and no half folder does; with space again, --resume auto
+    finishes the same run."""
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(FULL_DISK)
+    log_dir = tmp_path / "log"
+    r = run_script([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    "train_gpt2.py", *FSDP, "--batch_size", "4", "--fsdp", "--log_dir", str(log_dir)],
+                   env={"PYTHONPATH": str(tmp_path / "inject"), "FULL_DISK_AT": at})
+    assert r.returncode != 0
+    failed = str(log_dir / "model_00006.dcp") + ("" if "__" in at else ".tmp/meta.pt")
+    assert [line for line in r.stderr.splitlines() if line.startswith("error:")] == \
+        [f"error: cannot write checkpoint {failed}: No space left on device"] * 2, r.stderr
+    assert "[rank" not in r.stderr  # no traceback from a rank
+    assert sorted(os.listdir(log_dir)) == ["log.txt", "model_00003.dcp"]
+    torchrun(2, FSDP + ["--batch_size", "4", "--fsdp", "--log_dir", str(log_dir), "--resume", "auto"])
+    assert open(log_dir / "log.txt").read() == open(fsdp_run / "two" / "log.txt").read()
+
+
+def test_fsdp_truncated_shard_is_one_line(fsdp_run, tmp_path):
+    shutil.copytree(fsdp_run / "two" / "model_00003.dcp", tmp_path / "model_00003.dcp")
+    shard = tmp_path / "model_00003.dcp" / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    r = run_script([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    "train_gpt2.py", *FSDP, "--batch_size", "4", "--fsdp", "--log_dir", str(tmp_path), "--resume",
+                    str(tmp_path / "model_00003.dcp")])
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode != 0 and "[rank" not in r.stderr, r.stderr
+    assert len(errors) == 2 and all(e.startswith(f"error: checkpoint {tmp_path}/model_00003.dcp is truncated or "
+                                                 "corrupt: ") for e in errors), errors
+
+
 @pytest.mark.parametrize("world", [2, 1])
 def test_fsdp_checkpoint_resumes(fsdp_run, tmp_path, world):
     """Back to step 3 from the sharded checkpoint: exactly the same run on 2 ranks, the same within
