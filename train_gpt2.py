@@ -709,7 +709,8 @@ def parse_args(argv=None):
     a("--keep_checkpoints", type=int, default=0, help="keep only the newest K checkpoints (0: keep all)")
     a("--skip_nonfinite", action="store_true", help="skip an update whose loss or grad norm is inf/NaN (default: stop)")
     a("--dist_timeout", type=float, default=600, help="seconds a rank waits for the others before the job fails")
-    a("--overwrite", action="store_true", help="start fresh even if --log_dir holds an earlier run")
+    a("--overwrite", action="store_true",
+      help="start fresh even if --log_dir holds an earlier run; with --resume PATH, drop the checkpoints after it")
     a("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     a("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
       help="autocast dtype; auto: bf16 on CUDA (fp16 + GradScaler without bf16), fp32 elsewhere")
@@ -942,6 +943,13 @@ def main(argv=None):
         if device_type == "cuda" and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
         start_step, evals_done = ckpt["step"], ckpt.get("evals_done", True)
+        later = [path for s, path in list_checkpoints(args.log_dir) if s > start_step] if args.resume != "auto" else []
+        if later and not args.overwrite:  # a later --resume auto would take them for this run's
+            raise UserError(f"{args.log_dir}/ holds checkpoints after step {start_step} "
+                            f"({', '.join(os.path.basename(p) for p in later)}): to go on from {ckpt_path} "
+                            "instead, delete them with --overwrite, or choose another --log_dir")
+        for path in later if master else []:
+            remove_checkpoint(path)
         say(f"resuming from {ckpt_path} at step {start_step}")
     elif args.resume == "none":
         earlier = [path for _, path in list_checkpoints(args.log_dir)]

@@ -91,15 +91,24 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(tmp_path, uninterrupte
 def test_resume_from_a_path_and_past_a_corrupt_checkpoint(tmp_path, uninterrupted):
     log_dir = str(tmp_path / "log")
     shutil.copytree(uninterrupted, log_dir)
-    # explicit path: back to step 12, the later records are redone, not doubled
-    ok(train(RESUME + ["--log_dir", log_dir, "--resume", os.path.join(log_dir, "model_00012.pt")]))
+    # explicit path back to step 12: refused while the later checkpoints are there, as nothing may mix them
+    # up with the new run's; --overwrite deletes them, and the later records are redone, not doubled
+    back = RESUME + ["--log_dir", log_dir, "--resume", os.path.join(log_dir, "model_00012.pt")]
+    before = {name: open(os.path.join(log_dir, name), "rb").read() for name in os.listdir(log_dir)}
+    r = train(back)
+    assert r.returncode == 1 and r.stderr == (
+        f"error: {log_dir}/ holds checkpoints after step 12 (model_00018.pt, model_00024.pt): to go on from "
+        f"{log_dir}/model_00012.pt instead, delete them with --overwrite, or choose another --log_dir\n")
+    assert {name: open(os.path.join(log_dir, name), "rb").read() for name in os.listdir(log_dir)} == before
+    ok(train(back + ["--overwrite", "--checkpoint_every", "0"]))  # only the final checkpoint: 18 must be gone
+    assert sorted(os.listdir(log_dir)) == ["log.txt", "model_00006.pt", "model_00012.pt", "model_00024.pt"]
     assert_same_run(uninterrupted, log_dir)
     # auto skips a truncated newest checkpoint with a warning and takes the one before
     final = os.path.join(log_dir, "model_00024.pt")
     with open(final, "r+b") as f:
         f.truncate(os.path.getsize(final) // 2)
     r = ok(train(RESUME + ["--log_dir", log_dir, "--resume", "auto"]))
-    assert "warning: skipping checkpoint" in r.stdout and "resuming from" in r.stdout and "model_00018.pt" in r.stdout
+    assert "warning: skipping checkpoint" in r.stdout and "resuming from" in r.stdout and "model_00012.pt" in r.stdout
     assert_same_run(uninterrupted, log_dir)
 
 
