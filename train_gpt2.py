@@ -51,8 +51,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         assert config.n_embd % config.n_head == 0
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v of all heads in one matmul
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)  # q, k, v of all heads in one matmul
+        self.c_proj = Linear(config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_SCALE_INIT = True
         self.n_head = config.n_head
 
@@ -69,9 +69,9 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
         self.gelu = nn.GELU(approximate="tanh")  # the approximation GPT-2 was trained with
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_SCALE_INIT = True
 
     def forward(self, x):
@@ -134,10 +134,60 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
 
 def chunked_cross_entropy(x, weight, targets, rows):
     """F.cross_entropy(x @ weight.T, targets) without the full logits; x is (N, C), targets (N,)."""
-    device_type = x.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
     want_grads = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return ChunkedLMHeadLoss.apply(x, weight, targets, rows, dtype, want_grads)
+    return ChunkedLMHeadLoss.apply(x, weight, targets, rows, compute_dtype(x), want_grads)
+
+
+def compute_dtype(x):
+    """The dtype matmuls on x run in: autocast's, or x's own outside autocast."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+
+
+def to_fp8(t, dtype):
+    """t in an FP8 format, scaled so its largest magnitude is the format's largest; and the scale undoing that."""
+    top = torch.finfo(dtype).max
+    scale = top / t.abs().max().float().clamp(min=1e-12)
+    return (t.float() * scale).clamp(-top, top).to(dtype), scale.reciprocal()
+
+
+class FP8Matmul(torch.autograd.Function):
+    """x @ weight.T + bias with x and the weight in FP8 e4m3, and in the backward the incoming gradient in
+    e5m2 (more range, less precision). Each tensor gets its own scale, from its largest value at this call.
+    The products accumulate in fp32. torch._scaled_mm wants its first operand row-major, its second
+    column-major: hence the transposes."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, out_dtype):
+        xq, x_inv = to_fp8(x.reshape(-1, x.size(-1)), torch.float8_e4m3fn)
+        wq, w_inv = to_fp8(weight, torch.float8_e4m3fn)
+        y = torch._scaled_mm(xq, wq.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=out_dtype,
+                             bias=None if bias is None else bias.to(out_dtype))
+        ctx.save_for_backward(xq, x_inv, wq, w_inv)  # FP8 copies: a quarter of fp32 activations' memory
+        ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x.shape, x.dtype, weight.dtype
+        ctx.b_dtype = None if bias is None else bias.dtype
+        return y.view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        xq, x_inv, wq, w_inv = ctx.saved_tensors
+        g = grad_y.reshape(-1, grad_y.size(-1))
+        gq, g_inv = to_fp8(g, torch.float8_e5m2)
+        grad_x = torch._scaled_mm(gq, wq.t().contiguous().t(), scale_a=g_inv, scale_b=w_inv, out_dtype=grad_y.dtype)
+        grad_w = torch._scaled_mm(gq.t().contiguous(), xq.t().contiguous().t(), scale_a=g_inv, scale_b=x_inv,
+                                  out_dtype=torch.float32)
+        grad_b = None if ctx.b_dtype is None else g.float().sum(0).to(ctx.b_dtype)
+        return grad_x.view(ctx.x_shape).to(ctx.x_dtype), grad_w.to(ctx.w_dtype), grad_b, None
+
+
+class Linear(nn.Linear):
+    """The blocks' nn.Linear; with fp8 set (--fp8), its training matmuls run in FP8. Evaluation stays exact."""
+    fp8 = False
+
+    def forward(self, x):
+        if self.fp8 and torch.is_grad_enabled():
+            return FP8Matmul.apply(x, self.weight, self.bias, compute_dtype(x))
+        return super().forward(x)
 
 
 # sizes of OpenAI's checkpoints: (n_layer, n_head, n_embd)
@@ -570,6 +620,7 @@ def save_sharded_checkpoint(path, model, optimizer, meta):
         except (UserError, OSError) as e:
             error[0] = str(e) if isinstance(e, UserError) else f"cannot write checkpoint {path}: {e.strerror or e}"
     dist.broadcast_object_list(error, src=0)  # rank 0's outcome is everyone's
+    dist.barrier()  # gloo's sender may return before the receivers are done: nobody leaves before them
     if error[0] is not None:
         if master:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -669,7 +720,7 @@ def peak_flops(device_type):
 # Command line: the defaults are the lecture's recipe for GPT-2 (124M) on 10B tokens
 
 def usage_error(message):
-    sys.exit(f"error: {message} (see --help)")  # argparse's error, in one line rather than the usage text
+    exit_with(f"error: {message} (see --help)")  # argparse's error, in one line rather than the usage text
 
 
 def parse_args(argv=None):
@@ -717,6 +768,8 @@ def parse_args(argv=None):
     a("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile; auto: on for CUDA")
     a("--compile_mode", default="default", choices=["default", "max-autotune-no-cudagraphs", "max-autotune"],
       help="torch.compile mode: autotune the matmul kernels (slow to compile), with CUDA graphs or without")
+    a("--fp8", action="store_true", help="run the blocks' training matmuls in FP8 (GPUs of compute capability "
+      "8.9+: Ada, Hopper): faster, but not the lecture's bf16 numerics; the lm_head and evaluation stay bf16")
     a("--loss_chunk_rows", type=int, default=0,
       help="compute lm_head + cross-entropy this many rows at a time, never the full logits (0: all at once)")
     a("--seed", type=int, default=1337)
@@ -837,6 +890,21 @@ def setup_device(device_arg, timeout=600):
     return rank, local_rank, world, device_arg
 
 
+def enable_fp8(model, rows, device):
+    """--fp8: the blocks' Linear layers train in FP8, if the device and the shapes allow it."""
+    if device.startswith("cuda") and torch.cuda.get_device_capability(device) < (8, 9):
+        raise UserError(f"--fp8 needs FP8 matmuls, which {torch.cuda.get_device_name(device)} lacks "
+                        "(compute capability 8.9+: Ada, Hopper or newer)")
+    if not device.startswith(("cuda", "cpu")):
+        raise UserError(f"--fp8 runs on CUDA (or slowly on the CPU), not on {device}")
+    if model.config.n_embd % 16 or rows % 16:  # FP8 matmul kernels work on tiles of 16
+        raise UserError(f"--fp8 needs --n_embd ({model.config.n_embd}) and batch_size x seq_len ({rows}) "
+                        "to be multiples of 16")
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.fp8 = True
+
+
 def autocast_dtype(dtype_arg, device_type):
     if dtype_arg == "auto":
         if device_type != "cuda":
@@ -913,6 +981,8 @@ def main(argv=None):
         shard_model(model, amp_dtype)  # before the optimizer, which must hold the sharded parameters
     model.activation_checkpointing = args.activation_checkpointing
     model.loss_chunk_rows = args.loss_chunk_rows
+    if args.fp8:
+        enable_fp8(model, B * T, device)
     optimizer = model.configure_optimizers(args.weight_decay, args.max_lr, device_type)
 
     # resume, or start a fresh run
@@ -1059,18 +1129,22 @@ def run_cli(main):
     try:
         main()
     except (UserError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        exit_with(f"error: {e}")
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        exit_with("interrupted", 130)
     except RuntimeError as e:  # gloo reports a dead or hung peer as a plain RuntimeError
         if not (dist.is_initialized() and (isinstance(e, dist.DistError) or "gloo" in str(e))):
             raise
         why = re.sub(r"^\[[^]]*\] *", "", str(e).strip()).split(". ")[0]
-        print(f"error: rank {dist.get_rank()} lost the other ranks ({why}): one of them died or hangs, see its "
-              "output; resume with --resume auto", file=sys.stderr)
-        sys.exit(1)
+        exit_with(f"error: rank {dist.get_rank()} lost the other ranks ({why}): one of them died or hangs, see its "
+                  "output; resume with --resume auto")
+
+
+def exit_with(line, status=1):
+    """The line and its newline in one write, so the lines of ranks sharing a terminal never interleave."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+    sys.exit(status)
 
 
 if __name__ == "__main__":
