@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # One GPU session's checks for the training step, most important first; each writes $OUT/<name>.log and
-# prints its summary, so a run cut short still leaves what finished. About 8 minutes on an H200.
+# prints its summary, so a run cut short still leaves what finished. All of it ends within $BUDGET seconds
+# (default 500; each stage gets its own cap or what is left, whichever is less).
 #   1. the step against the lecture's compiled step: baseline, ours (trainer defaults), chunked loss
 #   2. train_gpt2.py, 124M, compiled, bf16, --loss_chunk_rows 8192, with val loss, HellaSwag and sampling
 #      in the loop every 10 steps: runs, and compiles a bounded number of times (TORCH_LOGS=recompiles)
-#   3. the other levers, while time is left: pageable batches, cuDNN attention, max-autotune
+#   3. the other levers against chunked, while time is left: FP8, pageable batches, cuDNN attention,
+#      max-autotune
 # Needs the GPT-2 BPE files in $TIKTOKEN_CACHE_DIR (tools/offline_tokenizer.py) when offline.
 # SMOKE=1 runs the same stages on the CPU at toy sizes, to check this script before spending GPU time.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_check}
 SMOKE=${SMOKE:-0}
+END=$((SECONDS + ${BUDGET:-500}))
+left() { local n=$((END - SECONDS)); echo $((n < $1 ? (n > 0 ? n : 1) : $1)); }  # min(cap, time left)
 mkdir -p "$OUT"
 DATA=$(mktemp -d)
 LOGDIR=$(mktemp -d)
@@ -41,19 +45,19 @@ with open(f"{data}/hellaswag.jsonl", "w") as f:
 PY
 
 echo "== 1. the training step against the lecture's"
-timeout 300 python3 bench/train_speed.py --baseline --variants ours chunked "${SIZE[@]}" "${BENCH[@]}" \
+timeout "$(left 240)" python3 bench/train_speed.py --baseline --variants ours chunked "${SIZE[@]}" "${BENCH[@]}" \
     > "$OUT/train_speed.log" 2>&1
 echo "exit $?"; grep -v "^ *losses" "$OUT/train_speed.log" | tail -6; grep "^ *losses" "$OUT/train_speed.log"
 
 echo "== 2. compiled training with the chunked loss and evaluations in the loop"
-TORCH_LOGS=recompiles timeout 240 python3 train_gpt2.py --data "$DATA" --max_steps 30 --eval_every 10 \
+TORCH_LOGS=recompiles timeout "$(left 150)" python3 train_gpt2.py --data "$DATA" --max_steps 30 --eval_every 10 \
     --val_steps 5 --hellaswag_data "$DATA/hellaswag.jsonl" --sample_every 10 --checkpoint_every 10 \
     --loss_chunk_rows 8192 --log_dir "$LOGDIR" "${SIZE[@]}" "${TRAIN[@]}" > "$OUT/train.log" 2>&1
 echo "exit $?"; grep -v "^step" "$OUT/train.log" | grep -v "^rank" | tail -25; grep "^step" "$OUT/train.log" | tail -3
 echo "recompiles: $(grep -c -i 'recompil' "$OUT/train.log")"; cp "$LOGDIR/log.txt" "$OUT/train_records.txt"
 
 echo "== 3. the other levers"
-timeout 420 python3 bench/train_speed.py --variants chunked unpinned cudnn autotune "${SIZE[@]}" "${BENCH[@]}" \
+timeout "$(left 600)" python3 bench/train_speed.py --variants chunked fp8 unpinned cudnn autotune "${SIZE[@]}" "${BENCH[@]}" \
     > "$OUT/levers.log" 2>&1
 echo "exit $?"; grep -v "^ *losses" "$OUT/levers.log" | tail -6
 rm -rf "$DATA" "$LOGDIR"

@@ -32,6 +32,7 @@ VARIANTS = {
     "ours": dict(),                                      # train_step, the trainer's defaults (pinned batches)
     "unpinned": dict(chunk=8192, pin=False),             # chunked with pageable batches: what pinning gives
     "chunked": dict(chunk=8192),                         # --loss_chunk_rows 8192
+    "fp8": dict(chunk=8192, fp8=True),                   # chunked, the blocks' matmuls in FP8 (--fp8)
     "cudnn": dict(chunk=8192, sdpa="CUDNN_ATTENTION"),   # chunked, attention by cuDNN instead of flash
     "autotune": dict(chunk=8192, mode="max-autotune-no-cudagraphs"),  # --compile_mode
     "cudagraphs": dict(chunk=8192, mode="max-autotune"),
@@ -68,6 +69,8 @@ def measure(name, args, shards, device):
     model.loss_chunk_rows = lever.get("chunk", 0)
     optimizer = model.configure_optimizers(0.1, 6e-4, device_type)
     B, T = args.batch_size, args.seq_len
+    if lever.get("fp8"):
+        tg.enable_fp8(model, B * T, device)
     accum = tg.batch_plan(args.total_batch_size, B, T, 1)
     loader = tg.DataLoader(shards, B, T, pin_memory=lever.get("pin", device_type == "cuda"))
     amp_dtype = tg.autocast_dtype(args.dtype, device_type)
