@@ -7,7 +7,8 @@ Train GPT-2 from scratch, as in the lecture "Let's reproduce GPT-2 (124M)".
     python train_gpt2.py --data input.txt --batch_size 4 --seq_len 128 --total_batch_size 4096 \\
         --n_layer 4 --n_head 4 --n_embd 128 --max_steps 200 --hellaswag_every 0   # a laptop CPU
 
-The file reads top to bottom: the model, the data loader, the training loop, then main().
+The file reads top to bottom: the model (and its opt-in speed options), the data loader, the training loop,
+then main().
 `python train_gpt2.py --help` lists every flag; the defaults are the lecture's recipe.
 """
 import argparse
@@ -92,102 +93,6 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x))  # tokens communicate
         x = x + self.mlp(self.ln_2(x))   # each token thinks on its own
         return x
-
-
-class ChunkedLMHeadLoss(torch.autograd.Function):
-    """Mean cross-entropy of the logits x @ weight.T, computed `rows` rows at a time.
-
-    A B=64, T=1024 batch has 65536 x 50304 logits: 6.6 GB in bf16, and the softmax works on an fp32 copy.
-    Here one chunk's logits exist at a time. The loss is the graph's last op, so its gradient is known in
-    the forward: each chunk's (softmax - one-hot) goes straight into the grads of x and of the weight, and
-    the backward only scales them. The matmuls are the same three as the plain lm_head's, in the same dtype."""
-
-    @staticmethod
-    def forward(ctx, x, weight, targets, rows, dtype, want_grads):
-        n = x.size(0)
-        w = weight.to(dtype)
-        loss = torch.zeros((), device=x.device)
-        grad_x = torch.empty_like(x) if want_grads else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_grads else None
-        for i in range(0, n, rows):
-            xc, tc = x[i:i + rows].to(dtype), targets[i:i + rows, None]
-            logits = (xc @ w.t()).float()
-            lse = torch.logsumexp(logits, dim=1, keepdim=True)
-            loss += (lse - logits.gather(1, tc)).sum()
-            if want_grads:
-                # d(loss sum)/d(logits), not yet divided by n: a power of two in bf16 loses nothing either way,
-                # and in fp16 the small probabilities would underflow sooner
-                g = (logits - lse).exp().scatter_add(1, tc, torch.full_like(lse, -1.0)).to(dtype)
-                grad_x[i:i + rows] = g @ w
-                grad_w += g.t() @ xc
-        if want_grads:
-            ctx.save_for_backward(grad_x, grad_w)
-            ctx.n, ctx.weight_dtype = n, weight.dtype
-        return loss / n
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_x, grad_w = ctx.saved_tensors
-        scale = grad_loss / ctx.n
-        return grad_x * scale, (grad_w * scale).to(ctx.weight_dtype), None, None, None, None
-
-
-def chunked_cross_entropy(x, weight, targets, rows):
-    """F.cross_entropy(x @ weight.T, targets) without the full logits; x is (N, C), targets (N,)."""
-    want_grads = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return ChunkedLMHeadLoss.apply(x, weight, targets, rows, compute_dtype(x), want_grads)
-
-
-def compute_dtype(x):
-    """The dtype matmuls on x run in: autocast's, or x's own outside autocast."""
-    device_type = x.device.type
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-
-
-def to_fp8(t, dtype):
-    """t in an FP8 format, scaled so its largest magnitude is the format's largest; and the scale undoing that."""
-    top = torch.finfo(dtype).max
-    scale = top / t.abs().max().float().clamp(min=1e-12)
-    return (t.float() * scale).clamp(-top, top).to(dtype), scale.reciprocal()
-
-
-class FP8Matmul(torch.autograd.Function):
-    """x @ weight.T + bias with x and the weight in FP8 e4m3, and in the backward the incoming gradient in
-    e5m2 (more range, less precision). Each tensor gets its own scale, from its largest value at this call.
-    The products accumulate in fp32. torch._scaled_mm wants its first operand row-major, its second
-    column-major: hence the transposes."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, out_dtype):
-        xq, x_inv = to_fp8(x.reshape(-1, x.size(-1)), torch.float8_e4m3fn)
-        wq, w_inv = to_fp8(weight, torch.float8_e4m3fn)
-        y = torch._scaled_mm(xq, wq.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=out_dtype,
-                             bias=None if bias is None else bias.to(out_dtype))
-        ctx.save_for_backward(xq, x_inv, wq, w_inv)  # FP8 copies: a quarter of fp32 activations' memory
-        ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x.shape, x.dtype, weight.dtype
-        ctx.b_dtype = None if bias is None else bias.dtype
-        return y.view(*x.shape[:-1], -1)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        xq, x_inv, wq, w_inv = ctx.saved_tensors
-        g = grad_y.reshape(-1, grad_y.size(-1))
-        gq, g_inv = to_fp8(g, torch.float8_e5m2)
-        grad_x = torch._scaled_mm(gq, wq.t().contiguous().t(), scale_a=g_inv, scale_b=w_inv, out_dtype=grad_y.dtype)
-        grad_w = torch._scaled_mm(gq.t().contiguous(), xq.t().contiguous().t(), scale_a=g_inv, scale_b=x_inv,
-                                  out_dtype=torch.float32)
-        grad_b = None if ctx.b_dtype is None else g.float().sum(0).to(ctx.b_dtype)
-        return grad_x.view(ctx.x_shape).to(ctx.x_dtype), grad_w.to(ctx.w_dtype), grad_b, None
-
-
-class Linear(nn.Linear):
-    """The blocks' nn.Linear; with fp8 set (--fp8), its training matmuls run in FP8. Evaluation stays exact."""
-    fp8 = False
-
-    def forward(self, x):
-        if self.fp8 and torch.is_grad_enabled():
-            return FP8Matmul.apply(x, self.weight, self.bias, compute_dtype(x))
-        return super().forward(x)
 
 
 # sizes of OpenAI's checkpoints: (n_layer, n_head, n_embd)
@@ -317,6 +222,106 @@ class GPT(nn.Module):
         # the fused CUDA kernel updates all tensors in one launch
         return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8,
                                  fused=device_type == "cuda")
+
+
+# -----------------------------------------------------------------------------
+# Speed and memory, opt-in: the loss without the full logits (--loss_chunk_rows), FP8 matmuls (--fp8, through
+# the Linear class the blocks use)
+
+class ChunkedLMHeadLoss(torch.autograd.Function):
+    """Mean cross-entropy of the logits x @ weight.T, computed `rows` rows at a time.
+
+    A B=64, T=1024 batch has 65536 x 50304 logits: 6.6 GB in bf16, and the softmax works on an fp32 copy.
+    Here one chunk's logits exist at a time. The loss is the graph's last op, so its gradient is known in
+    the forward: each chunk's (softmax - one-hot) goes straight into the grads of x and of the weight, and
+    the backward only scales them. The matmuls are the same three as the plain lm_head's, in the same dtype."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, rows, dtype, want_grads):
+        n = x.size(0)
+        w = weight.to(dtype)
+        loss = torch.zeros((), device=x.device)
+        grad_x = torch.empty_like(x) if want_grads else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_grads else None
+        for i in range(0, n, rows):
+            xc, tc = x[i:i + rows].to(dtype), targets[i:i + rows, None]
+            logits = (xc @ w.t()).float()
+            lse = torch.logsumexp(logits, dim=1, keepdim=True)
+            loss += (lse - logits.gather(1, tc)).sum()
+            if want_grads:
+                # d(loss sum)/d(logits), not yet divided by n: a power of two in bf16 loses nothing either way,
+                # and in fp16 the small probabilities would underflow sooner
+                g = (logits - lse).exp().scatter_add(1, tc, torch.full_like(lse, -1.0)).to(dtype)
+                grad_x[i:i + rows] = g @ w
+                grad_w += g.t() @ xc
+        if want_grads:
+            ctx.save_for_backward(grad_x, grad_w)
+            ctx.n, ctx.weight_dtype = n, weight.dtype
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        scale = grad_loss / ctx.n
+        return grad_x * scale, (grad_w * scale).to(ctx.weight_dtype), None, None, None, None
+
+
+def chunked_cross_entropy(x, weight, targets, rows):
+    """F.cross_entropy(x @ weight.T, targets) without the full logits; x is (N, C), targets (N,)."""
+    want_grads = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return ChunkedLMHeadLoss.apply(x, weight, targets, rows, compute_dtype(x), want_grads)
+
+
+def compute_dtype(x):
+    """The dtype matmuls on x run in: autocast's, or x's own outside autocast."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+
+
+def to_fp8(t, dtype):
+    """t in an FP8 format, scaled so its largest magnitude is the format's largest; and the scale undoing that."""
+    top = torch.finfo(dtype).max
+    scale = top / t.abs().max().float().clamp(min=1e-12)
+    return (t.float() * scale).clamp(-top, top).to(dtype), scale.reciprocal()
+
+
+class FP8Matmul(torch.autograd.Function):
+    """x @ weight.T + bias with x and the weight in FP8 e4m3, and in the backward the incoming gradient in
+    e5m2 (more range, less precision). Each tensor gets its own scale, from its largest value at this call.
+    The products accumulate in fp32. torch._scaled_mm wants its first operand row-major, its second
+    column-major: hence the transposes."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, out_dtype):
+        xq, x_inv = to_fp8(x.reshape(-1, x.size(-1)), torch.float8_e4m3fn)
+        wq, w_inv = to_fp8(weight, torch.float8_e4m3fn)
+        y = torch._scaled_mm(xq, wq.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=out_dtype,
+                             bias=None if bias is None else bias.to(out_dtype))
+        ctx.save_for_backward(xq, x_inv, wq, w_inv)  # FP8 copies: a quarter of fp32 activations' memory
+        ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x.shape, x.dtype, weight.dtype
+        ctx.b_dtype = None if bias is None else bias.dtype
+        return y.view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        xq, x_inv, wq, w_inv = ctx.saved_tensors
+        g = grad_y.reshape(-1, grad_y.size(-1))
+        gq, g_inv = to_fp8(g, torch.float8_e5m2)
+        grad_x = torch._scaled_mm(gq, wq.t().contiguous().t(), scale_a=g_inv, scale_b=w_inv, out_dtype=grad_y.dtype)
+        grad_w = torch._scaled_mm(gq.t().contiguous(), xq.t().contiguous().t(), scale_a=g_inv, scale_b=x_inv,
+                                  out_dtype=torch.float32)
+        grad_b = None if ctx.b_dtype is None else g.float().sum(0).to(ctx.b_dtype)
+        return grad_x.view(ctx.x_shape).to(ctx.x_dtype), grad_w.to(ctx.w_dtype), grad_b, None
+
+
+class Linear(nn.Linear):
+    """The blocks' nn.Linear; with fp8 set (--fp8), its training matmuls run in FP8. Evaluation stays exact."""
+    fp8 = False
+
+    def forward(self, x):
+        if self.fp8 and torch.is_grad_enabled():
+            return FP8Matmul.apply(x, self.weight, self.bias, compute_dtype(x))
+        return super().forward(x)
 
 
 # -----------------------------------------------------------------------------
