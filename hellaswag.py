@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from train_gpt2 import (GPT, GPTConfig, UserError, autocast_dtype, gpt2_tokenizer, load_checkpoint, run_cli,
+from train_gpt2 import (GPT, GPTConfig, UserError, autocast, autocast_dtype, gpt2_tokenizer, load_checkpoint, run_cli,
                         setup_device, usage_error)
 
 # where the hub keeps the auto-converted parquet of the dataset (the repo itself is a loading script)
@@ -305,8 +305,7 @@ def main(argv=None):
     device_type = device.split(":")[0]
     examples = load_examples(args.data, limit=args.limit)
     model = load_model(args).to(device)
-    dtype = autocast_dtype(args.dtype, device_type)
-    amp = contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device_type, dtype=dtype)
+    amp = autocast(autocast_dtype(args.dtype, device_type), device_type)
     if args.compile:
         model = torch.compile(model)
     res = evaluate(model, examples, device, amp, rank, world, args.batch_size, progress=rank == 0)

@@ -920,6 +920,11 @@ def autocast_dtype(dtype_arg, device_type):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_arg]
 
 
+def autocast(amp_dtype, device_type):
+    """The context the forward runs in: autocast to amp_dtype, or nothing for fp32."""
+    return contextlib.nullcontext() if amp_dtype == torch.float32 else torch.autocast(device_type, dtype=amp_dtype)
+
+
 # -----------------------------------------------------------------------------
 # main: set up, then the loop
 
@@ -976,7 +981,7 @@ def main(argv=None):
 
     # the precision
     amp_dtype = autocast_dtype(args.dtype, device_type)
-    amp = contextlib.nullcontext() if amp_dtype == torch.float32 else torch.autocast(device_type, dtype=amp_dtype)
+    amp = autocast(amp_dtype, device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == torch.float16)
     if args.fsdp:
         if not dist.is_initialized():

@@ -11,7 +11,6 @@ training vocabulary. Without --data the examples are random words of HellaSwag-l
 --single_limit examples and reported per example; the full-pass figures scale that to 10,042 examples.
 """
 import argparse
-import contextlib
 import os
 import random
 import sys
@@ -22,7 +21,8 @@ from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hellaswag  # noqa: E402
-from train_gpt2 import GPT, GPT2_SIZES, GPTConfig, UserError, autocast_dtype, gpt2_tokenizer, run_cli  # noqa: E402
+from train_gpt2 import (GPT, GPT2_SIZES, GPTConfig, UserError, autocast, autocast_dtype, gpt2_tokenizer,  # noqa: E402
+                        run_cli)
 
 FULL = 10042  # examples in HellaSwag's validation split
 
@@ -101,7 +101,7 @@ def main():
                 else synthetic_examples(args.limit))
     single = examples[:args.single_limit]
     dtype = autocast_dtype(args.dtype, device_type)
-    amp = contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device_type, dtype=dtype)
+    amp = autocast(dtype, device_type)
     name = torch.cuda.get_device_name(device) if device_type == "cuda" else f"{device} ({os.cpu_count()} cores)"
     source = "from " + args.data if args.data else "synthetic"
     print(f"{name}, torch {torch.__version__}, model {args.model} ({model.num_params() / 1e6:.0f}M, random "

@@ -74,7 +74,7 @@ def measure(name, args, shards, device):
     accum = tg.batch_plan(args.total_batch_size, B, T, 1)
     loader = tg.DataLoader(shards, B, T, pin_memory=lever.get("pin", device_type == "cuda"))
     amp_dtype = tg.autocast_dtype(args.dtype, device_type)
-    amp = contextlib.nullcontext() if amp_dtype == torch.float32 else torch.autocast(device_type, dtype=amp_dtype)
+    amp = tg.autocast(amp_dtype, device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == torch.float16)
     compiled = torch.compile(model, mode=lever.get("mode", "default")) if args.compile else model
     sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
