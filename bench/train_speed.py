@@ -2,14 +2,16 @@
 
     python bench/train_speed.py                                  # train_step: GPT-2 124M, B=64, T=1024
     python bench/train_speed.py --baseline                       # the lecture's step first, then ours, and the ratio
-    python bench/train_speed.py --baseline --variants ours chunked cudnn
+    python bench/train_speed.py --baseline --variants ours chunked chunked+fp8 baseline
     python bench/train_speed.py --data edu_fineweb10B            # real shards instead of random tokens
 
 Every variant builds the same model from the same seed and reads the same batches through
 train_gpt2.DataLoader, so their losses must agree to bf16 rounding: each line prints the largest loss
 difference from the first variant. "baseline" is the lecture's step: the model compiled, plain
 cross-entropy, batches copied from pageable memory, the loss read every step. The others call
-train_gpt2.train_step itself (not a copy), with the levers below. Each line gives ms/step, tok/s, model
+train_gpt2.train_step itself (not a copy), with the trainer's defaults ("ours") and the levers joined to
+it by "+" (see LEVERS). A name may come twice: the second run of the first variant shows the spread
+from run to run. Each line gives ms/step, tok/s, model
 TFLOP/s (6N + 12 L d T per token), MFU against the card's bf16 peak, and peak memory allocated
 (reserved); the last column is the speed against the first variant.
 """
@@ -26,17 +28,37 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_gpt2 as tg  # noqa: E402
 
-# lever settings of each variant; anything not named is the trainer's default
-VARIANTS = {
-    "baseline": dict(lecture=True, pin=False),
-    "ours": dict(),                                      # train_step, the trainer's defaults (pinned batches)
-    "unpinned": dict(chunk=8192, pin=False),             # chunked with pageable batches: what pinning gives
-    "chunked": dict(chunk=8192),                         # --loss_chunk_rows 8192
-    "fp8": dict(chunk=8192, fp8=True),                   # chunked, the blocks' matmuls in FP8 (--fp8)
-    "cudnn": dict(chunk=8192, sdpa="CUDNN_ATTENTION"),   # chunked, attention by cuDNN instead of flash
-    "autotune": dict(chunk=8192, mode="max-autotune-no-cudagraphs"),  # --compile_mode
-    "cudagraphs": dict(chunk=8192, mode="max-autotune"),
+# A variant is "baseline" (the lecture's step), or "ours" (train_step with the trainer's defaults) with
+# levers added by "+": "chunked+fp8" is ours with the chunked loss and FP8 matmuls
+LEVERS = {
+    "ours": dict(),
+    "chunked": dict(chunk=8192),                          # --loss_chunk_rows 8192
+    "fp8": dict(fp8=True),                                # --fp8: the blocks' matmuls in FP8
+    "unpinned": dict(pin=False),                          # batches from pageable memory: what pinning gives
+    "cudnn": dict(sdpa="CUDNN_ATTENTION"),                # attention by cuDNN instead of flash
+    "autotune": dict(mode="max-autotune-no-cudagraphs"),  # --compile_mode
+    "cudagraphs": dict(mode="max-autotune"),
 }
+
+
+def variant(name):
+    """The lever settings of a variant name; anything not set is the trainer's default."""
+    if name == "baseline":
+        return dict(lecture=True, pin=False)
+    unknown = [lever for lever in name.split("+") if lever not in LEVERS]
+    if unknown:
+        raise ValueError(f"unknown lever {unknown[0]!r} in {name!r}: use 'baseline', or levers of "
+                         f"{', '.join(LEVERS)} joined by '+'")
+    settings = {}
+    for lever in name.split("+"):
+        settings.update(LEVERS[lever])
+    return settings
+
+
+def model_config(args):
+    """The --model preset, with --n_layer, --n_head, --n_embd where given (small models for a smoke test)."""
+    n_layer, n_head, n_embd, block_size = tg.MODELS[args.model][:4]
+    return tg.GPTConfig(block_size, 50304, args.n_layer or n_layer, args.n_head or n_head, args.n_embd or n_embd)
 
 
 def lecture_step(model, optimizer, loader, grad_accum_steps, lr, amp, device):
@@ -60,23 +82,22 @@ def lecture_step(model, optimizer, loader, grad_accum_steps, lr, amp, device):
 
 def measure(name, args, shards, device):
     """Seconds per step, peak memory (allocated, reserved) and the loss of every step of one variant."""
-    lever = VARIANTS[name]
+    lever, defaults = variant(name), tg.parse_args([])
     device_type = device.split(":")[0]
     torch._dynamo.reset()  # each variant compiles afresh, with its own settings
     torch.manual_seed(1337)
-    n_layer, n_head, n_embd, block_size = tg.MODELS[args.model][:4]
-    model = tg.GPT(tg.GPTConfig(block_size, 50304, n_layer, n_head, n_embd)).to(device)
-    model.loss_chunk_rows = lever.get("chunk", 0)
+    model = tg.GPT(model_config(args)).to(device)
+    model.loss_chunk_rows = lever.get("chunk", defaults.loss_chunk_rows)
     optimizer = model.configure_optimizers(0.1, 6e-4, device_type)
     B, T = args.batch_size, args.seq_len
-    if lever.get("fp8"):
+    if lever.get("fp8", defaults.fp8):
         tg.enable_fp8(model, B * T, device)
     accum = tg.batch_plan(args.total_batch_size, B, T, 1)
     loader = tg.DataLoader(shards, B, T, pin_memory=lever.get("pin", device_type == "cuda"))
     amp_dtype = tg.autocast_dtype(args.dtype, device_type)
     amp = tg.autocast(amp_dtype, device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == torch.float16)
-    compiled = torch.compile(model, mode=lever.get("mode", "default")) if args.compile else model
+    compiled = torch.compile(model, mode=lever.get("mode", defaults.compile_mode)) if args.compile else model
     sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
     if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -105,10 +126,15 @@ def measure(name, args, shards, device):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    p.add_argument("--variants", nargs="+", default=["ours"], choices=list(VARIANTS),
-                   help="what to time, in this order; ratios and loss differences are against the first")
+    p.add_argument("--variants", nargs="+", default=["ours"],
+                   help="what to time, in this order (a name may come twice, to see the spread); ratios and "
+                   "loss differences are against the first. 'baseline', or levers joined by '+': "
+                   + ", ".join(LEVERS))
     p.add_argument("--baseline", action="store_true", help="time the lecture's step first: ratios are against it")
     p.add_argument("--model", default="gpt2", choices=list(tg.MODELS))
+    p.add_argument("--n_layer", type=int, help="override the --model's")
+    p.add_argument("--n_head", type=int, help="override the --model's")
+    p.add_argument("--n_embd", type=int, help="override the --model's")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--seq_len", type=int, default=1024)
     p.add_argument("--total_batch_size", type=int, default=524288)
@@ -119,13 +145,19 @@ def main():
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--no_compile", dest="compile", action="store_false")
     args = p.parse_args()
-    if args.baseline:
-        args.variants = ["baseline"] + [v for v in args.variants if v != "baseline"]
+    for name in args.variants:
+        try:
+            variant(name)
+        except ValueError as e:
+            p.error(str(e))
+    if args.baseline and args.variants[0] != "baseline":
+        args.variants = ["baseline"] + args.variants
     if args.device.startswith("cuda"):
         torch.set_float32_matmul_precision("high")
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
-    print(f"model {args.model}, B={args.batch_size}, T={args.seq_len}, {args.total_batch_size:,} tokens/step, "
-          f"compile={args.compile}, {'shards ' + args.data if args.data else 'random tokens'}, "
+    print(f"model {args.model}: {model_config(args)}\nB={args.batch_size}, T={args.seq_len}, "
+          f"{args.total_batch_size:,} tokens/step, compile={args.compile}, "
+          f"{'shards ' + args.data if args.data else 'random tokens'}, "
           f"{args.warmup}+{args.steps} steps", flush=True)
     try:
         if args.data:
@@ -136,12 +168,12 @@ def main():
     except tg.UserError as e:
         sys.exit(f"error: {e}")
     peak = tg.peak_flops(args.device.split(":")[0])
-    first = None
+    first, width = None, max(map(len, args.variants))
     for name in args.variants:
         try:
             dt, mem, losses, flops = measure(name, args, shards, args.device)
         except Exception as e:  # one failing lever must not cost the others' figures
-            print(f"{name:10s} failed: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}",
+            print(f"{name:{width}s} failed: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}",
                   flush=True)
             continue
         finally:
@@ -153,9 +185,9 @@ def main():
         mfu = f"{100 * flops * tok_s / peak:5.1f}%" if peak else "  n/a"
         memory = f"{mem[0] / 2**30:6.2f} ({mem[1] / 2**30:6.2f}) GiB" if mem else "n/a"
         diff = max(abs(a - b) for a, b in zip(losses, first[1]))
-        print(f"{name:10s} {dt * 1000:8.1f} ms/step {tok_s:11,.0f} tok/s {flops * tok_s / 1e12:6.1f} TFLOP/s "
+        print(f"{name:{width}s} {dt * 1000:8.1f} ms/step {tok_s:11,.0f} tok/s {flops * tok_s / 1e12:6.1f} TFLOP/s "
               f"MFU {mfu}  mem {memory}  |dloss| {diff:.4f}  {tok_s / first[0]:.3f}x", flush=True)
-        print(f"{'':10s} losses {' '.join(f'{x:.4f}' for x in losses)}", flush=True)
+        print(f"{'':{width}s} losses {' '.join(f'{x:.4f}' for x in losses)}", flush=True)
 
 
 if __name__ == "__main__":
