@@ -652,16 +652,18 @@ def load_sharded_state(path, model, optimizer):
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
-def list_checkpoints(log_dir, kind=None):
-    """[(step, path)] of the checkpoints in log_dir (only the .pt or .dcp ones if kind says), oldest first."""
+def list_checkpoints(log_dir):
+    """[(step, path)] of the checkpoints in log_dir, .pt files and .dcp folders, oldest first."""
     found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(log_dir, "model_*"))
-             if (m := CHECKPOINT_NAME.search(os.path.basename(p))) and kind in (None, m.group(2))]
+             if (m := CHECKPOINT_NAME.search(os.path.basename(p)))]
     return sorted(found)
 
 
-def find_resume_checkpoint(log_dir, warn, sharded=False):
-    """The newest checkpoint in log_dir that loads, skipping broken ones; None if there is none."""
-    found = list_checkpoints(log_dir, "dcp" if sharded else "pt")
+def find_resume_checkpoint(log_dir, warn):
+    """The newest checkpoint in log_dir that loads, skipping broken ones; None if there is none.
+
+    Both kinds count: an FSDP checkpoint found by a run without --fsdp is refused, not passed over."""
+    found = list_checkpoints(log_dir)
     for _, path in reversed(found):
         try:
             return load_checkpoint(path), path
@@ -1000,7 +1002,9 @@ def main(argv=None):
     log_path = os.path.join(args.log_dir, "log.txt")
     start_step, evals_done, ckpt, ckpt_path = 0, True, None, None
     if args.resume == "auto":
-        ckpt, ckpt_path = find_resume_checkpoint(args.log_dir, say, sharded=args.fsdp)
+        ckpt, ckpt_path = find_resume_checkpoint(args.log_dir, say)
+        if ckpt is None and os.path.exists(log_path) and os.path.getsize(log_path):
+            say(f"warning: {args.log_dir}/ holds no checkpoint yet: starting at step 0, the log starts over")
     elif args.resume != "none":
         ckpt, ckpt_path = load_checkpoint(args.resume), args.resume
     if ckpt is not None:

@@ -213,3 +213,10 @@ def test_fsdp_refusals(tmp_path, fsdp_run):
     os.remove(broken / ".metadata")
     r = train(FSDP + ["--batch_size", "8", "--log_dir", str(tmp_path / "c"), "--resume", str(broken)])
     assert r.returncode == 1 and "incomplete" in r.stderr
+    # --resume auto without --fsdp meets the FSDP run's folders: refused, the run's log and checkpoints kept
+    auto = tmp_path / "d"
+    shutil.copytree(fsdp_run / "two", auto)
+    log = (auto / "log.txt").read_text()
+    r = train(FSDP + ["--batch_size", "8", "--log_dir", str(auto), "--resume", "auto"])
+    assert r.returncode == 1 and "model_00006.dcp was written with --fsdp" in r.stderr, r.stderr
+    assert (auto / "log.txt").read_text() == log and not list(auto.glob("*.pt"))

@@ -88,6 +88,15 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(tmp_path, uninterrupte
     assert_same_run(uninterrupted, log_dir)
 
 
+def test_resume_auto_before_the_first_checkpoint_starts_over_and_says_so(tmp_path, uninterrupted):
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    shutil.copy(os.path.join(uninterrupted, "log.txt"), log_dir)  # a run killed before its first checkpoint
+    r = ok(train(RESUME + ["--log_dir", str(log_dir), "--resume", "auto"]))
+    assert f"warning: {log_dir}/ holds no checkpoint yet: starting at step 0, the log starts over" in r.stdout
+    assert_same_run(uninterrupted, str(log_dir))
+
+
 def test_resume_from_a_path_and_past_a_corrupt_checkpoint(tmp_path, uninterrupted):
     log_dir = str(tmp_path / "log")
     shutil.copytree(uninterrupted, log_dir)
