@@ -121,7 +121,7 @@ def describe_source(args):
         return {"dataset": DATASETS[args.dataset][0], "config": args.remote_name}
     files = []
     for pattern in args.local_files:
-        matches = sorted(glob.glob(pattern))
+        matches = [pattern] if os.path.isfile(pattern) else sorted(glob.glob(pattern))  # a file named a[1].json
         if not matches:
             fail(f"no file matches {pattern}")
         files += matches
@@ -142,7 +142,9 @@ def describe_source(args):
 def open_source(source):
     """The documents as a datasets streaming dataset with one column, text; nothing is read yet."""
     import datasets
+    from huggingface_hub.utils import logging as hub_logging
     datasets.disable_progress_bars()
+    hub_logging.set_verbosity_error()  # not a line per retry of a failed request: the error below says it
     where = " ".join(source["files"][:1]) if "files" in source else f"{source['dataset']} ({source['config']})"
     try:
         if "files" in source:

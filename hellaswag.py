@@ -26,8 +26,8 @@ import torch.distributed as dist
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from train_gpt2 import (GPT, GPTConfig, UserError, autocast, autocast_dtype, gpt2_tokenizer, load_checkpoint, run_cli,
-                        setup_device, usage_error)
+from train_gpt2 import (GPT, GPTConfig, HelpFormatter, UserError, autocast, autocast_dtype, gpt2_tokenizer,
+                        load_checkpoint, run_cli, setup_device, usage_error)
 
 # where the hub keeps the auto-converted parquet of the dataset (the repo itself is a loading script)
 HUB_FILE = "datasets/Rowan/hellaswag/resolve/refs%2Fconvert%2Fparquet/default/validation/0000.parquet"
@@ -280,7 +280,7 @@ def load_model(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="HellaSwag accuracy of a GPT-2 model (batched, completion scoring).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.error = usage_error
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("-m", "--model", help="HF name (gpt2, gpt2-medium, ...) or a folder saved by save_pretrained")

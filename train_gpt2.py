@@ -4,8 +4,9 @@ Train GPT-2 from scratch, as in the lecture "Let's reproduce GPT-2 (124M)".
     python fineweb.py                                       # tokenize FineWeb-Edu into edu_fineweb10B/
     python train_gpt2.py                                    # one GPU
     torchrun --standalone --nproc_per_node=8 train_gpt2.py  # eight GPUs, one node
-    python train_gpt2.py --data input.txt --batch_size 4 --seq_len 128 --total_batch_size 4096 \\
-        --n_layer 4 --n_head 4 --n_embd 128 --max_steps 200 --hellaswag_every 0   # a laptop CPU
+    python train_gpt2.py --data input.txt --n_layer 4 --n_head 4 --n_embd 128 --batch_size 8 --seq_len 128 \\
+        --total_batch_size 1024 --max_steps 200 --warmup_steps 20 --max_lr 3e-3 --eval_every 50 \\
+        --sample_every 50 --hellaswag_every 0 --log_dir log_shakespeare          # a laptop CPU (README)
 
 The file reads top to bottom: the model (and its opt-in speed options), the data loader, the training loop,
 then main().
@@ -183,7 +184,9 @@ class GPT(nn.Module):
         if name_or_dir not in GPT2_SIZES and not os.path.isdir(name_or_dir):
             raise UserError(f"unknown model '{name_or_dir}': use one of {', '.join(GPT2_SIZES)} "
                             "or a folder saved by transformers' save_pretrained")
+        from huggingface_hub.utils import logging as hub_logging
         from transformers import GPT2LMHeadModel
+        hub_logging.set_verbosity_error()  # not a line per retry of a failed request: the error below says it
         try:
             hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
         except Exception as e:  # no network, a broken folder, not a GPT-2 checkpoint, ...
@@ -364,7 +367,7 @@ def load_splits(data, need_val):
         raise UserError(f"no data at '{data}': {how}")
     splits = {}
     for split in ("train", "val"):
-        paths = sorted(glob.glob(os.path.join(data, f"*_{split}_*.npy")))
+        paths = sorted(glob.glob(os.path.join(glob.escape(data), f"*_{split}_*.npy")))
         if not paths and (split == "train" or need_val):
             raise UserError(f"no *_{split}_*.npy shards in '{data}': {how}")
         splits[split] = [load_shard(p) for p in paths]
@@ -382,8 +385,10 @@ class DataLoader:
     order inside each shard are permuted, seeded by (seed, epoch), so the state is three integers.
     """
 
-    def __init__(self, shards, B, T, rank=0, world_size=1, shuffle=False, seed=0, split="train", pin_memory=False):
+    def __init__(self, shards, B, T, rank=0, world_size=1, shuffle=False, seed=0, split="train", pin_memory=False,
+                 vocab_size=2**16):
         self.shards, self.B, self.T, self.pin_memory = shards, B, T, pin_memory
+        self.split, self.vocab_size = split, vocab_size
         self.rank, self.world_size, self.shuffle, self.seed = rank, world_size, shuffle, seed
         self.windows = [max(len(s) - 1, 0) // T for s in shards]
         if sum(self.windows) < B * world_size:
@@ -396,9 +401,20 @@ class DataLoader:
         self.set_state({"epoch": 0, "shard_pos": 0, "cursor": 0})
 
     def state_dict(self):
-        return {"epoch": self.epoch, "shard_pos": self.shard_pos, "cursor": self.cursor}
+        """The position, and what it is a position in: the shards' lengths and the order they are read in."""
+        return {"epoch": self.epoch, "shard_pos": self.shard_pos, "cursor": self.cursor,
+                "shard_tokens": [len(s) for s in self.shards], "shuffle": self.shuffle, "seed": self.seed}
 
     def set_state(self, state):
+        """Go to a position; one from other data or another order (a checkpoint's) is refused."""
+        had, has = state.get("shard_tokens"), [len(s) for s in self.shards]
+        if had is not None and had != has:
+            raise UserError(f"the checkpoint's run read other {self.split} data ({len(had)} shards, {sum(had):,} "
+                            f"tokens; this --data has {len(has)}, {sum(has):,} tokens): resume with the same data")
+        order = (state["shuffle"], state["seed"] if state["shuffle"] else None) if "shuffle" in state else None
+        if order is not None and order != (self.shuffle, self.seed if self.shuffle else None):  # seed: shuffled only
+            raise UserError("the checkpoint's run read its data " + (f"shuffled with --seed {state['seed']}"
+                            if state["shuffle"] else "in order, without --shuffle") + ": resume it the same way")
         self.epoch, self.shard_pos, self.cursor = state["epoch"], state["shard_pos"], state["cursor"]
         self._start_epoch(keep_position=True)
 
@@ -441,6 +457,9 @@ class DataLoader:
         mine = picks[self.rank * self.B:(self.rank + 1) * self.B]
         T = self.T
         buf = np.stack([self.shards[s][w * T:w * T + T + 1] for s, w in mine]).astype(np.int64)
+        if buf.max() >= self.vocab_size:  # an embedding lookup would fail on it (on a GPU: a device-side assert)
+            raise UserError(f"the {self.split} data holds token id {buf.max()}, beyond the model's vocab_size "
+                            f"{self.vocab_size}: are these GPT-2 tokens?")
         x, y = torch.from_numpy(buf[:, :-1].copy()), torch.from_numpy(buf[:, 1:].copy())
         if self.pin_memory:  # page-locked: the copy to the GPU runs while the host goes on to the next batch
             x, y = x.pin_memory(), y.pin_memory()
@@ -654,7 +673,7 @@ def load_sharded_state(path, model, optimizer):
 
 def list_checkpoints(log_dir):
     """[(step, path)] of the checkpoints in log_dir, .pt files and .dcp folders, oldest first."""
-    found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(log_dir, "model_*"))
+    found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(glob.escape(log_dir), "model_*"))
              if (m := CHECKPOINT_NAME.search(os.path.basename(p)))]
     return sorted(found)
 
@@ -730,9 +749,15 @@ def usage_error(message):
     exit_with(f"error: {message} (see --help)")  # argparse's error, in one line rather than the usage text
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default, except a None: that flag's help says where its value comes from."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train GPT-2 (lecture recipe by default).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Train GPT-2 (lecture recipe by default).", formatter_class=HelpFormatter)
     p.error = usage_error
     a = p.add_argument
     a("--data", default="edu_fineweb10B", help="folder of *_train_*/*_val_*.npy shards, or a text file (90/10 split)")
@@ -741,7 +766,7 @@ def parse_args(argv=None):
     a("--n_head", type=int, help="override the --model's number of heads")
     a("--n_embd", type=int, help="override the --model's embedding width")
     a("--block_size", type=int, help="context of the position embedding (default: the --model's)")
-    a("--vocab_size", type=int, default=50304, help="50257 padded to a multiple of 128 for fast kernels")
+    a("--vocab_size", type=int, help="50257 padded to a multiple of 128 for fast kernels (default: 50304)")
     a("--init_from", default="scratch", help="'scratch', or an HF GPT-2 name/folder to start from its weights")
     a("--batch_size", type=int, default=64, help="micro-batch size B per process")
     a("--seq_len", type=int, help="sequence length T (default: the model's context)")
@@ -750,7 +775,7 @@ def parse_args(argv=None):
     a("--warmup_steps", type=int, default=715, help="linear LR warmup steps")
     a("--max_lr", type=float, help="peak LR (default: the --model's, 6e-4 for gpt2)")
     a("--min_lr", type=float, help="LR at the end of the cosine (default: max_lr / 10)")
-    a("--weight_decay", type=float, default=0.1)
+    a("--weight_decay", type=float, default=0.1, help="AdamW weight decay of the matmul weights and embeddings")
     a("--grad_clip", type=float, default=1.0, help="clip the global grad norm to this (0: no clipping)")
     a("--shuffle", action="store_true", help="permute shards and windows per epoch (default: the lecture's order)")
     a("--eval_every", type=int, default=250, help="val loss every N steps (0: never)")
@@ -758,8 +783,8 @@ def parse_args(argv=None):
     a("--hellaswag_every", type=int, default=250, help="HellaSwag every N steps (0: never)")
     a("--hellaswag_data", help="local HellaSwag val file (jsonl or parquet); default: download once")
     a("--sample_every", type=int, default=250, help="print samples every N steps (0: never)")
-    a("--sample_prompt", default="Hello, I'm a language model,")
-    a("--num_samples", type=int, default=4)
+    a("--sample_prompt", default="Hello, I'm a language model,", help="the samples start with this text")
+    a("--num_samples", type=int, default=4, help="samples per process")
     a("--sample_length", type=int, default=32, help="sample length in tokens, prompt included")
     a("--checkpoint_every", type=int, default=5000, help="checkpoint every N steps and at the end (0: end only)")
     a("--log_dir", default="log", help="log.txt and model_<step>.pt go here")
@@ -779,7 +804,7 @@ def parse_args(argv=None):
       "8.9+: Ada, Hopper): faster, but not the lecture's bf16 numerics; the lm_head and evaluation stay bf16")
     a("--loss_chunk_rows", type=int, default=0,
       help="compute lm_head + cross-entropy this many rows at a time, never the full logits (0: all at once)")
-    a("--seed", type=int, default=1337)
+    a("--seed", type=int, default=1337, help="of the weights' init and, with --shuffle, of the data order")
     a("--fsdp", action="store_true", help="shard weights, grads and optimizer over the GPUs (FSDP2) instead of DDP")
     a("--activation_checkpointing", action="store_true", help="recompute each block in the backward: less memory")
     a("--dry_run", action="store_true", help="print parameters, FLOPs, the batch plan and memory per GPU, then exit")
@@ -796,7 +821,10 @@ def parse_args(argv=None):
     for name in ("max_lr", "min_lr", "weight_decay", "grad_clip"):
         if getattr(args, name) is not None and not 0 <= getattr(args, name) < math.inf:  # NaN fails this too
             p.error(f"--{name} must be a finite number, 0 or more")
-    if args.vocab_size < 50257:
+    for name in ("max_lr", "min_lr"):  # AdamW moves each weight by about the LR per step
+        if getattr(args, name) is not None and getattr(args, name) > 1:
+            p.error(f"--{name} must be at most 1")
+    if args.vocab_size is not None and args.vocab_size < 50257:
         p.error("--vocab_size must hold the GPT-2 tokenizer's 50257 tokens")
     if args.sample_every and not args.sample_prompt:
         p.error("--sample_prompt is empty")
@@ -807,11 +835,19 @@ def apply_preset(args):
     """Fill the flags left unset from the --model preset; returns the config to train from scratch."""
     if args.model not in MODELS:
         raise UserError(f"unknown --model '{args.model}': choose one of {', '.join(MODELS)}")
+    if args.init_from != "scratch":  # the weights come with their architecture
+        given = [n for n in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size") if getattr(args, n) is not None]
+        if given and (args.init_from in GPT2_SIZES or os.path.isdir(args.init_from)):  # else: from_pretrained's error
+            raise UserError(f"--init_from {args.init_from} brings its own architecture: drop --{given[0]}")
+        if args.dry_run:
+            raise UserError("--dry_run plans a model from scratch (--model and its overrides), not --init_from")
     preset = dict(zip(["n_layer", "n_head", "n_embd", "block_size", "total_batch_size", "max_lr"], MODELS[args.model]))
     for name, value in preset.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    args.seq_len = args.seq_len or args.block_size
+    args.vocab_size = args.vocab_size or 50304
+    if args.init_from == "scratch":
+        args.seq_len = args.seq_len or args.block_size
     args.min_lr = args.max_lr / 10 if args.min_lr is None else args.min_lr
     config = GPTConfig(args.block_size, args.vocab_size, args.n_layer, args.n_head, args.n_embd)
     if config.n_embd % config.n_head:
@@ -846,7 +882,7 @@ def memory_plan(config, B, T, world, amp_bytes, activation_checkpointing, loss_c
 
 def dry_run(args, config):
     world = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
-    accum = batch_plan(args.total_batch_size, args.batch_size, args.seq_len, world)
+    accum = batch_plan(args.total_batch_size, args.batch_size, args.seq_len, world, config.block_size)
     amp_bytes = 4 if args.dtype == "fp32" else 2
     print(f"model {args.model}: {config}\n{param_count(config):,} parameters, "
           f"{flops_per_token(config, args.seq_len) / 1e9:.2f} GFLOP per token at T={args.seq_len}, "
@@ -860,8 +896,10 @@ def dry_run(args, config):
         print(f"  {part:32s}{ddp / 2**30:10.2f}{fsdp / 2**30:10.2f}")
 
 
-def batch_plan(total, B, T, world):
+def batch_plan(total, B, T, world, block_size):
     """Gradient-accumulation steps so that world * B * T * steps == total, or a UserError naming fixes."""
+    if T > block_size:
+        raise UserError(f"--seq_len {T} exceeds the model's block_size {block_size}")
     per_micro = B * T * world
     if total % per_micro == 0:
         return total // per_micro
@@ -888,6 +926,9 @@ def setup_device(device_arg, timeout=600):
         raise UserError(f"--device {device_arg}: no such device here (PyTorch sees {count} {kind} device(s))")
     if "RANK" not in os.environ:
         return 0, 0, 1, device_arg
+    missing = [v for v in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing:
+        raise UserError(f"RANK is set but not {', '.join(missing)}: launch several processes with torchrun")
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     if device_arg.startswith("cuda"):
         device_arg = f"cuda:{local_rank}"  # one GPU per process
@@ -959,27 +1000,27 @@ def main(argv=None):
     # the model
     model = GPT(scratch_config) if args.init_from == "scratch" else GPT.from_pretrained(args.init_from)
     config = model.config
-    if args.seq_len > config.block_size:
-        raise UserError(f"--seq_len {args.seq_len} exceeds the model's block_size {config.block_size}")
     model.to(device)
     say(f"model: {config}, {model.num_params():,} parameters")
 
     # the batch
-    B, T = args.batch_size, args.seq_len
-    grad_accum_steps = batch_plan(args.total_batch_size, B, T, world)
+    B, T = args.batch_size, args.seq_len or config.block_size  # --init_from: the context of its weights
+    grad_accum_steps = batch_plan(args.total_batch_size, B, T, world, config.block_size)
     say(f"total batch {args.total_batch_size:,} tokens = {world} process(es) x {B} x {T} x {grad_accum_steps} "
         "accumulation steps")
 
     # the data
     splits = load_splits(args.data, need_val=args.eval_every > 0)
-    pin = device_type == "cuda"
-    train_loader = DataLoader(splits["train"], B, T, rank, world, args.shuffle, args.seed, "train", pin)
-    val_loader = DataLoader(splits["val"], B, T, rank, world, split="val", pin_memory=pin) if args.eval_every else None
+    common = dict(rank=rank, world_size=world, pin_memory=device_type == "cuda", vocab_size=config.vocab_size)
+    train_loader = DataLoader(splits["train"], B, T, shuffle=args.shuffle, seed=args.seed, **common)
+    val_loader = DataLoader(splits["val"], B, T, split="val", **common) if args.eval_every else None
     hella_examples = None
     if args.hellaswag_every:
         import hellaswag  # loads (downloading once per node) now, so a missing source fails before training
         hella_examples = hellaswag.load_examples(args.hellaswag_data)
     enc = gpt2_tokenizer() if args.sample_every else None
+    # <|endoftext|> in the prompt is the special token, as a document boundary (tiktoken refuses it by default)
+    prompt = enc.encode(args.sample_prompt, allowed_special="all") if enc else None
 
     # the precision
     amp_dtype = autocast_dtype(args.dtype, device_type)
@@ -1008,6 +1049,10 @@ def main(argv=None):
     elif args.resume != "none":
         ckpt, ckpt_path = load_checkpoint(args.resume), args.resume
     if ckpt is not None:
+        missing = ({"loader", "rng"} | ({"optimizer"} if not ckpt["sharded"] else set())) - set(ckpt)
+        if missing:
+            raise UserError(f"checkpoint {ckpt_path} has no {', '.join(sorted(missing))}: it can be evaluated "
+                            "(hellaswag.py -c), not resumed")
         if ckpt["sharded"] != args.fsdp:
             raise UserError(f"checkpoint {ckpt_path} was written " + ("with" if ckpt["sharded"] else "without") +
                             " --fsdp: resume it the same way")
@@ -1027,6 +1072,8 @@ def main(argv=None):
         if device_type == "cuda" and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
         start_step, evals_done = ckpt["step"], ckpt.get("evals_done", True)
+        if start_step > args.max_steps:
+            raise UserError(f"checkpoint {ckpt_path} is at step {start_step}, past --max_steps {args.max_steps}")
         later = [path for s, path in list_checkpoints(args.log_dir) if s > start_step] if args.resume != "auto" else []
         if later and not args.overwrite:  # a later --resume auto would take them for this run's
             raise UserError(f"{args.log_dir}/ holds checkpoints after step {start_step} "
@@ -1034,7 +1081,8 @@ def main(argv=None):
                             "instead, delete them with --overwrite, or choose another --log_dir")
         for path in later if master else []:
             remove_checkpoint(path)
-        say(f"resuming from {ckpt_path} at step {start_step}")
+        say(f"resuming from {ckpt_path} at step {start_step}" +
+            (": the run is complete, nothing left to train" if start_step == args.max_steps else ""))
     elif args.resume == "none":
         earlier = [path for _, path in list_checkpoints(args.log_dir)]
         if (earlier or (os.path.exists(log_path) and os.path.getsize(log_path))) and not args.overwrite:
@@ -1046,7 +1094,7 @@ def main(argv=None):
     resumed = ckpt is not None
     if master:
         trim_log(log_path, start_step if resumed else -1, evals_done)
-        for tmp in glob.glob(os.path.join(args.log_dir, "model_*.tmp*")):
+        for tmp in glob.glob(os.path.join(glob.escape(args.log_dir), "model_*.tmp*")):
             remove_checkpoint(tmp)  # half a checkpoint, left by a run killed while writing it
     del ckpt
 
@@ -1081,9 +1129,9 @@ def main(argv=None):
                 res = hellaswag.evaluate(compiled, hella_examples, device, amp=amp, rank=rank, world_size=world)
                 say(f"HellaSwag accuracy: {res['acc_norm']:.4f} (acc {res['acc']:.4f}, n={res['n']})")
                 log(f"{step} hella {res['acc_norm']:.4f}")
-            if enc is not None and (step > 0 or last_step) and due(args.sample_every):
+            if prompt and (step > 0 or last_step) and due(args.sample_every):
                 generator = torch.Generator(device=device).manual_seed(42 + rank)
-                rows = generate(model, enc.encode(args.sample_prompt), args.num_samples, args.sample_length,
+                rows = generate(model, prompt, args.num_samples, args.sample_length,
                                 device, generator, amp, enc.n_vocab)
                 for i, row in enumerate(rows):
                     print(f"rank {rank} sample {i}: {enc.decode(row)}")
@@ -1137,21 +1185,31 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
-def run_cli(main):
-    """Run a script's main(): a UserError, an OSError (a full disk, ...) or a lost rank becomes one line on
-    stderr and exit status 1, no traceback; an interrupt before training starts exits with 130."""
+def run_cli(main, memory_hint="use a smaller --batch_size"):
+    """Run a script's main(): a UserError, an OSError (a full disk, ...), running out of memory or a lost rank
+    becomes one line on stderr and exit status 1, no traceback; an interrupt before training starts exits
+    with 130."""
     try:
         main()
     except (UserError, OSError) as e:
         exit_with(f"error: {e}")
     except KeyboardInterrupt:
         exit_with("interrupted", 130)
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        exit_with(out_of_memory(e, memory_hint))
     except RuntimeError as e:  # gloo reports a dead or hung peer as a plain RuntimeError
+        if "can't allocate memory" in str(e):  # the CPU allocator's out of memory
+            exit_with(out_of_memory(e, memory_hint))
         if not (dist.is_initialized() and (isinstance(e, dist.DistError) or "gloo" in str(e))):
             raise
         why = re.sub(r"^\[[^]]*\] *", "", str(e).strip()).split(". ")[0]
         exit_with(f"error: rank {dist.get_rank()} lost the other ranks ({why}): one of them died or hangs, see its "
                   "output; resume with --resume auto")
+
+
+def out_of_memory(e, hint):
+    what = re.sub(r"^.*DefaultCPUAllocator: ", "", ". ".join(str(e).strip().split(". ")[:2]))
+    return f"error: out of memory ({what or type(e).__name__}): {hint}"
 
 
 def exit_with(line, status=1):
@@ -1166,4 +1224,6 @@ if __name__ == "__main__":
     sys.modules.setdefault("train_gpt2", sys.modules[__name__])
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, request_stop)
-    run_cli(main)
+    run_cli(main, memory_hint="--dry_run estimates what a run needs; a smaller --batch_size (the same "
+            "--total_batch_size, more accumulation steps), --loss_chunk_rows 8192 or --activation_checkpointing "
+            "need less")

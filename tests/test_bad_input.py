@@ -38,6 +38,10 @@ def d(tmp_path_factory):
     torch.save({"weights": torch.zeros(2)}, str(d / "foreign.pt"))
     ckpt = torch.load(str(d / "run" / "model_00001.pt"), weights_only=True)
     torch.save({**ckpt, "config": {**ckpt["config"], "n_embd": 64}}, str(d / "misfit.pt"))
+    torch.save({k: ckpt[k] for k in ("model", "config", "step")}, str(d / "minimal.pt"))  # evaluable only
+    (d / "oor").mkdir()
+    for split in ("val", "train"):  # uint16, but not GPT-2 tokens
+        np.save(d / "oor" / f"x_{split}_000000.npy", np.full(5000, 65535, dtype=np.uint16))
     (d / "lost").mkdir()  # a run whose only checkpoint is damaged
     shutil.copy(d / "run" / "log.txt", d / "lost" / "log.txt")
     (d / "lost" / "model_00001.pt").write_bytes(data[:1000])
@@ -88,6 +92,12 @@ CASES = [
     ("train_gpt2.py", ["--resume", "{d}/truncated.pt"], "truncated or corrupt"),
     ("train_gpt2.py", ["--resume", "{d}/notours.pt"], "truncated or corrupt"),
     ("train_gpt2.py", ["--resume", "{d}/foreign.pt"], "not a checkpoint of train_gpt2.py"),
+    ("train_gpt2.py", ["--resume", "{d}/minimal.pt"], "has no loader, optimizer, rng: it can be evaluated"),
+    ("train_gpt2.py", ["--shuffle"], "the checkpoint's run read its data in order, without --shuffle"),
+    ("train_gpt2.py", ["--data", "{d}/short", "--batch_size", "1", "--total_batch_size", "32"],
+     "the checkpoint's run read other train data"),
+    ("train_gpt2.py", ["--data", "{d}/oor", "--log_dir", "{d}/oor_run"], "holds token id 65535, beyond the model's"),
+    ("train_gpt2.py", ["--dry_run", "--seq_len", "128"], "--seq_len 128 exceeds the model's block_size 64"),
     ("train_gpt2.py", ["--n_embd", "64"], "is for model"),
     ("train_gpt2.py", ["--seq_len", "16"], "was trained with --seq_len 32, not 16"),
     ("train_gpt2.py", ["--log_dir", "{d}/lost"], "no checkpoint in"),
@@ -102,6 +112,8 @@ CASES = [
     ("train_gpt2.py", ["--n_head", "3"], "not divisible by --n_head"),
     ("train_gpt2.py", ["--vocab_size", "100"], "--vocab_size must hold"),
     ("train_gpt2.py", ["--max_lr", "nan"], "--max_lr must be a finite number"),
+    ("train_gpt2.py", ["--max_lr", "2"], "--max_lr must be at most 1"),
+    ("train_gpt2.py", ["--vocab_size", str(10**12)], "out of memory (can't allocate memory: you tried to allocate"),
     ("train_gpt2.py", ["--seed", "-1"], "--seed must be 0 or more"),
     ("train_gpt2.py", ["--keep_checkpoints", "-1"], "--keep_checkpoints must be 0 or more"),
     ("train_gpt2.py", ["--dist_timeout", "0"], "--dist_timeout must be positive"),

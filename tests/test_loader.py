@@ -72,10 +72,21 @@ def test_state_round_trip(shuffle):
     a = DataLoader(shards, B, T, rank=1, world_size=2, shuffle=shuffle, seed=7)
     rows(a, 9)
     state = a.state_dict()
-    assert set(state) == {"epoch", "shard_pos", "cursor"} and all(isinstance(v, int) for v in state.values())
+    assert state == {"epoch": state["epoch"], "shard_pos": state["shard_pos"], "cursor": state["cursor"],
+                     "shard_tokens": [37, 50, 29, 61], "shuffle": shuffle, "seed": 7}
+    assert all(isinstance(state[k], int) for k in ("epoch", "shard_pos", "cursor"))
     b = DataLoader(shards, B, T, rank=1, world_size=2, shuffle=shuffle, seed=7)
     b.set_state(state)
     assert rows(a, 20) == rows(b, 20)
+    # a position in other data, or in another order, is refused (the seed only orders shuffled data)
+    others = [DataLoader(shards_of([37, 50, 29]), B, T, shuffle=shuffle, seed=7),
+              DataLoader(shards, B, T, shuffle=not shuffle, seed=7)]
+    if shuffle:
+        others.append(DataLoader(shards, B, T, shuffle=True, seed=8))
+    for other in others:
+        with pytest.raises(UserError, match="resume with the same data|resume it the same way"):
+            other.set_state(state)
+    DataLoader(shards, B, T, shuffle=shuffle, seed=7 if shuffle else 8).set_state(state)
     # the state is world-size free: a 1-rank loader at that state reads what both ranks would
     c = DataLoader(shards, 2 * B, T, shuffle=shuffle, seed=7)
     c.set_state(state)

@@ -1,10 +1,13 @@
 """The model is GPT-2: logits equal transformers' GPT-2 on the same weights; init, optimizer and LR as the lecture."""
 import math
+import os
 
+import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 
-from helpers import save_tiny_hf_gpt2
+from helpers import ROOT, ok, save_tiny_hf_gpt2, train
 from train_gpt2 import GPT, GPTConfig, UserError, flops_per_token, get_lr, param_count
 
 
@@ -32,6 +35,33 @@ def test_from_pretrained_matches_transformers_logits(hf_dir):
         _, loss = ours(idx[:, :-1], idx[:, 1:])
         ref_loss = ref(idx, labels=idx).loss
     assert abs(loss.item() - ref_loss.item()) < 1e-5
+
+
+def test_training_from_pretrained_starts_at_transformers_loss(hf_dir, tmp_path):
+    """--init_from a folder: its architecture and context (no shape flags needed, --seq_len defaults to its 64), and
+    the step-0 val loss is transformers' loss on the same val windows (the last 10% of input.txt, 64 + 1 tokens
+    starting 64 apart)."""
+    from transformers import GPT2LMHeadModel
+
+    from train_gpt2 import gpt2_tokenizer
+    run = ["--data", "input.txt", "--init_from", hf_dir, "--batch_size", "2", "--total_batch_size", "128",
+           "--max_steps", "1", "--val_steps", "3", "--hellaswag_every", "0", "--sample_every", "0"]
+    r = ok(train(run + ["--log_dir", str(tmp_path / "log")]))
+    assert "n_layer=2, n_head=2, n_embd=32" in r.stdout and "1 process(es) x 2 x 64 x 1" in r.stdout
+    with open(os.path.join(tmp_path, "log", "log.txt")) as f:
+        val = float(f.readline().split()[2])
+    with open(os.path.join(ROOT, "input.txt")) as f:
+        tokens = gpt2_tokenizer().encode_ordinary(f.read())
+    tokens = torch.tensor(np.array(tokens[int(0.9 * len(tokens)):], dtype=np.int64))
+    windows = torch.stack([tokens[w * 64:w * 64 + 65] for w in range(6)])
+    ref = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    with torch.no_grad():
+        logits = ref(windows[:, :-1]).logits
+    losses = [F.cross_entropy(logits[i:i + 2].flatten(0, 1), windows[i:i + 2, 1:].flatten()).item() for i in (0, 2, 4)]
+    assert abs(val - sum(losses) / 3) < 1e-4, (val, losses)
+    r = train(run + ["--log_dir", str(tmp_path / "other"), "--n_layer", "4"])
+    assert r.returncode == 1
+    assert r.stderr == f"error: --init_from {hf_dir} brings its own architecture: drop --n_layer\n"
 
 
 def test_from_pretrained_refuses_other_layouts(tmp_path):

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from helpers import FAST, ROOT, ok, records, run_script, train
+from helpers import FAST, ROOT, ok, records, run_script, train, write_shards
 
 
 def test_tiny_model_learns_and_samples(tmp_path):
@@ -119,6 +119,37 @@ def test_resume_from_a_path_and_past_a_corrupt_checkpoint(tmp_path, uninterrupte
     r = ok(train(RESUME + ["--log_dir", log_dir, "--resume", "auto"]))
     assert "warning: skipping checkpoint" in r.stdout and "resuming from" in r.stdout and "model_00012.pt" in r.stdout
     assert_same_run(uninterrupted, log_dir)
+
+
+def test_resume_at_or_past_max_steps(tmp_path, uninterrupted):
+    log_dir = str(tmp_path / "log")
+    shutil.copytree(uninterrupted, log_dir)
+    r = ok(train(RESUME + ["--log_dir", log_dir, "--resume", "auto"]))  # again, after it finished: nothing to do
+    assert f"resuming from {log_dir}/model_00024.pt at step 24: the run is complete, nothing left to train" in r.stdout
+    assert_same_run(uninterrupted, log_dir)
+    r = train(RESUME + ["--log_dir", log_dir, "--resume", "auto", "--max_steps", "12"])
+    assert r.returncode == 1
+    assert r.stderr == f"error: checkpoint {log_dir}/model_00024.pt is at step 24, past --max_steps 12\n"
+
+
+def test_glob_characters_in_paths_and_a_special_token_in_the_prompt(tmp_path):
+    """Folders are taken literally (a [1] in a name is no pattern); <|endoftext|> in a prompt is the token."""
+    data = write_shards(str(tmp_path / "data[1]"), {"val": [3000], "train": [3000, 3000]})
+    args = [a if a != "input.txt" else data for a in FAST] + ["--checkpoint_every", "1", "--eval_every", "0",
+                                                               "--log_dir", str(tmp_path / "run[1]")]
+    ok(train(args + ["--max_steps", "2"]))
+    r = ok(train(args + ["--max_steps", "3", "--resume", "auto", "--keep_checkpoints", "1", "--sample_every", "3",
+                         "--sample_prompt", "<|endoftext|>Hello"]))
+    assert f"resuming from {tmp_path}/run[1]/model_00002.pt at step 2" in r.stdout
+    assert sorted(os.listdir(tmp_path / "run[1]")) == ["log.txt", "model_00003.pt"]
+    samples = [line for line in r.stdout.splitlines() if line.startswith("rank 0 sample ")]
+    assert len(samples) == 4 and all(s.split(": ", 1)[1].startswith("<|endoftext|>Hello") for s in samples)
+
+
+def test_a_rank_without_torchrun_is_one_line(tmp_path):
+    r = train(FAST + ["--log_dir", str(tmp_path)], env={"RANK": "0"})
+    assert r.returncode == 1 and r.stderr == ("error: RANK is set but not LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, "
+                                              "MASTER_PORT: launch several processes with torchrun\n")
 
 
 def test_compiled_model_trains_evaluates_and_samples(tmp_path):
