@@ -19,6 +19,7 @@ document], so a rerun after an interruption verifies the finished shards and con
 where they end: the same bytes as an uninterrupted run.
 """
 import argparse
+import ctypes
 import glob
 import io
 import json
@@ -96,6 +97,8 @@ def parse_args(argv):
     p.add_argument("--start_method", choices=["fork", "spawn", "forkserver"],
                    help="multiprocessing start method (default: the platform's)")
     args = p.parse_args(argv)
+    if args.shard_size > 10**12:  # 2 TB per shard; the .npy header is written for a fixed width
+        usage_error("argument --shard_size: at most 1e12 tokens")
     if args.dataset not in DATASETS:
         usage_error(f"unknown --dataset {args.dataset!r}; choose from {', '.join(DATASETS)}")
     config = CONFIG_RE.fullmatch(args.remote_name)
@@ -135,8 +138,24 @@ def describe_source(args):
         formats.add(kind)
     if len(formats) > 1:
         fail("--local_files mixes parquet and json files; convert them to one format")
+    if formats == {"parquet"}:  # datasets cannot read a parquet file of no rows: it adds no documents anyway
+        empty = [f for f in files if parquet_rows(f) == 0]
+        for f in empty:
+            print(f"note: {f} holds no rows; skipped", file=sys.stderr)
+        files = [f for f in files if f not in empty]
+        if not files:
+            fail("the source holds no documents")
     return {"format": formats.pop(), "files": [os.path.abspath(f) for f in files],
             "sizes": [os.path.getsize(f) for f in files]}
+
+
+def parquet_rows(path):
+    """Rows of a parquet file, from its footer; None if that is unreadable (reading it fails later, clearly)."""
+    import pyarrow.parquet as pq
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception:
+        return None
 
 
 def open_source(source):
@@ -144,7 +163,8 @@ def open_source(source):
     import datasets
     from huggingface_hub.utils import logging as hub_logging
     datasets.disable_progress_bars()
-    hub_logging.set_verbosity_error()  # not a line per retry of a failed request: the error below says it
+    datasets.logging.set_verbosity_error()  # its log lines would come on top of the one-line errors below
+    hub_logging.set_verbosity_error()  # (the hub's: a line per retry of a failed request)
     where = " ".join(source["files"][:1]) if "files" in source else f"{source['dataset']} ({source['config']})"
     try:
         if "files" in source:
@@ -156,8 +176,9 @@ def open_source(source):
     features = ds.features or {}
     if ds.features is not None and "text" not in features:
         fail(f"{where} has no 'text' column (columns: {', '.join(features)})")
-    dtype = getattr(features.get("text"), "dtype", "string")
-    if dtype not in ("string", "large_string"):
+    text = features.get("text", datasets.Value("string"))
+    dtype = getattr(text, "dtype", f"{type(text).__name__} values")  # Json: of mixed types, which datasets quotes
+    if not isinstance(text, datasets.Value) or dtype not in ("string", "large_string"):
         fail(f"{where}: column 'text' holds {dtype}, not strings")
     return ds.select_columns(["text"])
 
@@ -174,6 +195,8 @@ _worker = {}
 def init_worker(ds):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's handler (fork copies it)
+    if sys.platform == "linux":  # die with the main process, even by kill -9: else a worker blocks for ever on a
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # full result pipe (1 = PR_SET_PDEATHSIG)
     _worker["ds"] = ds
 
 
@@ -230,16 +253,38 @@ def save_manifest(out_dir, manifest):
 
 
 def load_manifest(out_dir):
+    path = os.path.join(out_dir, MANIFEST)
     try:
-        with open(os.path.join(out_dir, MANIFEST)) as f:
+        with open(path) as f:
             manifest = json.load(f)
-        fields = {"file", "tokens", "xxh3_64", "first", "end", "resume"}  # what the code below relies on
-        if not {"source", "prefix", "shard_size", "shards"} <= manifest.keys() or \
-                any(not fields <= e.keys() for e in manifest["shards"]):
-            raise ValueError("fields are missing")
-        return manifest
-    except (OSError, ValueError, AttributeError) as e:
-        fail(f"cannot read {os.path.join(out_dir, MANIFEST)}: {one_line(e)}")
+    except (OSError, ValueError) as e:
+        fail(f"cannot read {path}: {one_line(e)}")
+    problem = manifest_problem(manifest)
+    if problem:
+        fail(f"cannot read {path}: {problem}")
+    return manifest
+
+
+def manifest_problem(m):
+    """What the code below could not work with in a manifest: a field missing or of another type; or None."""
+    def counts(*values):
+        return all(type(v) is int and v >= 0 for v in values)
+
+    def pair(v):
+        return isinstance(v, list) and len(v) == 2 and counts(*v)
+
+    if not isinstance(m, dict) or not {"source", "prefix", "shard_size", "shards"} <= m.keys():
+        return "fields are missing"
+    sizes = (m["shard_size"], m.get("groups_per_task", 1))
+    if not (isinstance(m["prefix"], str) and counts(*sizes) and 0 not in sizes and isinstance(m["shards"], list)):
+        return "prefix, shard_size, groups_per_task or shards is not what this script writes"
+    for i, e in enumerate(m["shards"]):
+        resume = e.get("resume") if isinstance(e, dict) else None
+        if not (isinstance(resume, dict) and isinstance(e.get("file"), str) and isinstance(e.get("xxh3_64"), str)
+                and counts(e.get("tokens"), resume.get("task"), resume.get("doc")) and pair(e.get("first"))
+                and pair(e.get("end"))):
+            return f"shard entry {i} is not what this script writes"
+    return None
 
 
 def locate(ends, p, first_doc):
@@ -286,14 +331,17 @@ def prepare(out_dir, prefix, source, args):
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
         fail(f"cannot create the output folder {out_dir}: {e.strerror or e}")
-    done = False
-    if not os.path.exists(os.path.join(out_dir, MANIFEST)):
-        if any(not n.endswith(".tmp") for n in our_files(out_dir, prefix)):
-            fail(f"{out_dir} holds shards but no {MANIFEST} (written by another tool?); use a fresh --out_dir")
+    done, ours = False, our_files(out_dir, prefix)
+    for name in ours:  # before anything is read or removed
+        if os.path.isdir(os.path.join(out_dir, name)):
+            fail(f"{os.path.join(out_dir, name)} is a folder, not a shard: move it out of {out_dir}")
+    manifest = load_manifest(out_dir) if os.path.exists(os.path.join(out_dir, MANIFEST)) else None
+    if manifest is None and any(not n.endswith(".tmp") for n in ours):
+        fail(f"{out_dir} holds shards but no {MANIFEST} (written by another tool?); use a fresh --out_dir")
+    if manifest is None or not manifest["shards"]:  # nothing kept (a run that failed at once on bad input, say)
         manifest = {"source": source, "prefix": prefix, "shard_size": args.shard_size,
                     "tokenizer": "gpt2", "eot": EOT, "shards": []}
     else:
-        manifest = load_manifest(out_dir)
         if [manifest.get(k) for k in ("source", "prefix", "shard_size")] != [source, prefix, args.shard_size]:
             fail(f"{out_dir} holds shards of another source, prefix or shard size; use a fresh --out_dir")
         kept = []
@@ -313,11 +361,17 @@ def prepare(out_dir, prefix, source, args):
             if args.max_tokens and sum(e["tokens"] for e in kept) > args.max_tokens:
                 fail(f"{out_dir} already holds more than --max_tokens {args.max_tokens} tokens; use a fresh --out_dir")
             manifest.update(shards=kept, complete=False, stopped=None)
+    listed = {e["file"] for e in manifest["shards"]}
+    for name, index in ours.items():
+        path = os.path.join(out_dir, name)
+        if name.endswith(".tmp") or (not done and index >= len(manifest["shards"])):
+            try:  # temporaries of a killed run, and shards beyond the kept ones: rewritten, byte for byte
+                os.remove(path)
+            except OSError as e:
+                fail(f"cannot remove {path}: {e.strerror or e}")
+        elif name not in listed:  # not ours: a run writes nothing it does not list
+            fail(f"{path} is not in {MANIFEST}, but train_gpt2.py would read it: move it out of {out_dir}")
     if not done:
-        # shards beyond the kept ones and temporaries of a killed run are rewritten, byte for byte
-        for name, index in our_files(out_dir, prefix).items():
-            if index >= len(manifest["shards"]) or name.endswith(".tmp"):
-                os.remove(os.path.join(out_dir, name))
         manifest["max_tokens"] = args.max_tokens
         save_manifest(out_dir, manifest)  # also proves the folder is writable before any work
     return manifest, done
@@ -486,7 +540,12 @@ def tokenize(args, ds, manifest):
             finally:
                 writer.discard()  # a shard left unfinished by an error or an interrupt
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # running tasks finish, queued ones are dropped
+        # queued tasks are dropped, running ones ended: a worker stalled on the network must not hold up an
+        # interrupt (and a second Ctrl-C during a waiting shutdown left the pool hung)
+        pool.shutdown(wait=False, cancel_futures=True)
+        for worker in mp.active_children():
+            worker.terminate()
+            worker.join()
     if not manifest["shards"]:
         fail("the source holds no documents")
     manifest.update(complete=True, stopped="max_tokens" if stopped else "end of data")
@@ -520,7 +579,10 @@ def verify(out_dir):
 
 
 def interrupt(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM (a stopped or preempted box) ends as cleanly as Ctrl-C
+    """SIGTERM (a stopped or preempted box) ends as cleanly as Ctrl-C; a second one waits for that cleanup."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 def main(argv=None):
@@ -539,7 +601,8 @@ def main(argv=None):
     if not done:
         try:
             if threading.current_thread() is threading.main_thread():
-                signal.signal(signal.SIGTERM, interrupt)
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    signal.signal(sig, interrupt)
             tokens, docs, seconds = tokenize(args, ds, manifest)
         except KeyboardInterrupt:
             print(f"\ninterrupted: {len(manifest['shards'])} finished shards kept in {args.out_dir}; "

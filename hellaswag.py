@@ -67,7 +67,7 @@ def read_examples(path):
                 raise UserError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})")
             return [check_example(row, f"{path}: row {i}") for i, row in enumerate(rows)]
         examples = []
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark some editors write is no JSON
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -95,7 +95,7 @@ def download(path):
                     f.write(chunk)
                 f.flush()
                 os.fsync(f.fileno())
-        except OSError as e:  # URLError, HTTPError, timeouts, a full disk
+        except (OSError, ValueError) as e:  # URLError, HTTPError, timeouts, a full disk; ValueError: a bad URL
             raise UserError(f"cannot download HellaSwag from {url} ({getattr(e, 'reason', e)}): "
                             "pass a local copy (jsonl or parquet) with --data (train_gpt2.py: --hellaswag_data)")
         try:

@@ -596,7 +596,7 @@ def load_checkpoint(path):
     except Exception as e:
         raise UserError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__})")
     needs = {"config", "step"} if sharded else {"model", "config", "step"}
-    if not isinstance(ckpt, dict) or not needs <= set(ckpt):
+    if not isinstance(ckpt, dict) or not needs <= set(ckpt) or not isinstance(ckpt.get("model", {}), dict):
         raise UserError(f"{path} is not a checkpoint of train_gpt2.py (needs {', '.join(sorted(needs))})")
     if sharded and not os.path.isfile(os.path.join(path, ".metadata")):
         raise UserError(f"checkpoint {path} is incomplete (no .metadata)")

@@ -54,6 +54,16 @@ def d(tmp_path_factory):
     pq.write_table(pa.table({"text": [f"document {i} " * 40 for i in range(30)]}), d / "corpus.parquet")
     assert fineweb.main(["--local_files", str(d / "corpus.parquet"), "--out_dir", str(d / "shards"),
                          "--shard_size", "1000", "--workers", "1"]) == 0
+    for name in ("strayed", "dirshard", "badmanifest"):
+        shutil.copytree(d / "shards", d / name)
+    np.save(d / "strayed" / "edufineweb_train_000099.npy", np.arange(10, dtype=np.uint16))
+    shard = sorted((d / "dirshard").glob("*_train_*.npy"))[0]
+    shard.unlink()
+    shard.mkdir()
+    manifest = json.loads((d / "badmanifest" / "manifest.json").read_text())
+    manifest["shards"][1]["end"] = None
+    (d / "badmanifest" / "manifest.json").write_text(json.dumps(manifest))
+    (d / "mixed.jsonl").write_text('{"text": "a document"}\n{"text": 12345}\n')
     (d / "foreign").mkdir()
     np.save(d / "foreign" / "edufineweb_val_000000.npy", np.arange(10, dtype=np.uint16))
     (d / "a_file").write_text("not a folder")
@@ -149,6 +159,15 @@ CASES = [
     ("fineweb.py", ["--local_files", "{d}/corpus.parquet", "--out_dir", "{d}/shards", "--shard_size", "500"],
      "another source, prefix or shard size"),
     ("fineweb.py", ["--verify", "--out_dir", "{d}/foreign"], "cannot read {d}/foreign/manifest.json"),
+    ("fineweb.py", ["--shard_size", "1e13"], "argument --shard_size: at most 1e12 tokens"),
+    ("fineweb.py", ["--local_files", "{d}/mixed.jsonl"], "{d}/mixed.jsonl: column 'text' holds Json values, not strings"),
+    ("fineweb.py", ["--local_files", "{d}/corpus.parquet", "--out_dir", "{d}/strayed", "--shard_size", "1000"],
+     "{d}/strayed/edufineweb_train_000099.npy is not in manifest.json, but train_gpt2.py would read it"),
+    ("fineweb.py", ["--local_files", "{d}/corpus.parquet", "--out_dir", "{d}/dirshard", "--shard_size", "1000"],
+     "{d}/dirshard/edufineweb_train_000001.npy is a folder, not a shard"),
+    ("fineweb.py", ["--local_files", "{d}/corpus.parquet", "--out_dir", "{d}/badmanifest", "--shard_size", "1000"],
+     "cannot read {d}/badmanifest/manifest.json: shard entry 1 is not what this script writes"),
+    ("fineweb.py", ["--verify", "--out_dir", "{d}/badmanifest"], "shard entry 1 is not what this script writes"),
 ]
 
 

@@ -151,6 +151,26 @@ def test_jsonl_files(corpus, tmp_path):
     assert os.path.basename(shard_files(tmp_path / "out")[1]) == "fineweb_train_000001.npy"  # plain FineWeb's prefix
 
 
+def test_an_empty_file_and_a_first_run_that_failed(corpus, reference_run, tmp_path, capsys):
+    # a parquet file of no rows adds no documents (datasets cannot read one): skipped, with a note
+    write_parquet(tmp_path / "empty.parquet", [])
+    parts = sorted(glob.glob(corpus["files"][0]))
+    out = tmp_path / "out"
+    assert fineweb.main(["--local_files", parts[0], str(tmp_path / "empty.parquet"), parts[1], "--out_dir", str(out),
+                         "--shard_size", str(SHARD)]) == 0
+    assert "empty.parquet holds no rows; skipped" in capsys.readouterr().err
+    assert folder_bytes(out)[0] == folder_bytes(reference_run)[0]
+    # a first run that fails on bad input leaves a manifest without shards: once fixed, the input runs there
+    source = tmp_path / "doc.jsonl"
+    source.write_bytes(b'{"text": "caf\xe9"}\n')
+    args = ["--local_files", str(source), "--out_dir", str(tmp_path / "fixed")]
+    with pytest.raises(SystemExit, match="not valid UTF-8|utf-8|UnicodeDecodeError"):
+        fineweb.main(args)
+    source.write_text('{"text": "café au lait"}\n', encoding="utf-8")
+    assert fineweb.main(args) == 0
+    np.testing.assert_array_equal(all_tokens(tmp_path / "fixed"), reference_tokens(["café au lait"]))
+
+
 def test_max_tokens_then_extend(corpus, reference_run, tmp_path, capsys):
     assert run(corpus, tmp_path, "--max_tokens", "25e3") == 0
     np.testing.assert_array_equal(all_tokens(tmp_path), corpus["tokens"][:25_000])
@@ -245,7 +265,7 @@ def wait_in_main(self, *args):  # shard n begun, then wait for the test's Ctrl-C
 
 if mode == "mid_write":
     fineweb.ShardWriter.add = partial_add
-elif mode in ("sigint", "sigterm"):
+elif mode in ("sigint", "sigint_twice", "sigterm", "main_killed"):
     fineweb.ShardWriter.add = wait_in_main
 elif mode == "before_manifest":
     fineweb.save_manifest = late_manifest
@@ -255,11 +275,26 @@ sys.exit(fineweb.main(sys.argv[3:]))
 """
 
 
+def live_in_session(sid):
+    """Processes of session sid that have not exited (zombies have), from /proc."""
+    alive = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state, _, _, session = f.read().rsplit(")", 1)[1].split()[:4]
+        except OSError:
+            continue
+        if int(session) == sid and state != "Z":
+            alive.append(int(pid))
+    return alive
+
+
 @pytest.mark.parametrize("mode,n", [("mid_write", 3), ("before_manifest", 40), ("external", 25), ("sigint", 30),
-                                    ("sigterm", 20)])
+                                    ("sigint_twice", 30), ("sigterm", 20), ("main_killed", 20)])
 def test_kill_and_resume(corpus, reference_run, tmp_path, mode, n):
-    """SIGKILL mid-run (inside the write of shard n, between shard n and its manifest entry, or from
-    outside while workers run), Ctrl-C or SIGTERM to the main process, then rerun: the same folder as an uninterrupted run.
+    """SIGKILL mid-run (inside the write of shard n, between shard n and its manifest entry, from outside while
+    workers run, or to the main process alone), Ctrl-C (once or twice) or SIGTERM to the main process, then rerun:
+    the same folder as an uninterrupted run.
     Shard 3 lies inside the long document; the others end in later row groups, which the rerun
     starts at instead of reading from the start."""
     driver = tmp_path / "driver.py"
@@ -269,18 +304,22 @@ def test_kill_and_resume(corpus, reference_run, tmp_path, mode, n):
     env = dict(os.environ, READY_FILE=str(tmp_path / "ready"))
     proc = subprocess.Popen([sys.executable, str(driver), mode, str(n), *args], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    if mode in ("external", "sigint", "sigterm"):
+    if mode not in ("mid_write", "before_manifest"):
         deadline = time.time() + 60
         while not os.path.exists(env["READY_FILE"]) and time.time() < deadline and proc.poll() is None:
             time.sleep(0.05)
         assert os.path.exists(env["READY_FILE"]), proc.stderr.read().decode()
-        if mode == "sigterm":  # as `kill PID` or a stopping container sends it: to the main process only
-            os.kill(proc.pid, signal.SIGTERM)
+        if mode in ("sigterm", "main_killed"):  # SIGTERM as `kill PID` or a stopping container sends it
+            os.kill(proc.pid, signal.SIGTERM if mode == "sigterm" else signal.SIGKILL)
+        elif mode == "sigint_twice":  # an impatient Ctrl-C during the clean stop: ignored, the stop finishes
+            os.killpg(proc.pid, signal.SIGINT)
+            time.sleep(0.02)
+            os.killpg(proc.pid, signal.SIGINT)
         else:
             os.killpg(proc.pid, signal.SIGINT if mode == "sigint" else signal.SIGKILL)
     proc.wait(timeout=60)
     err = proc.stderr.read().decode()
-    if mode in ("sigint", "sigterm"):  # a clean stop: a message, exit 130, the unfinished shard removed
+    if mode in ("sigint", "sigint_twice", "sigterm"):  # a clean stop: a message, exit 130, the unfinished shard removed
         assert proc.returncode == 130 and "Traceback" not in err, err
         assert err.strip().splitlines()[-1].startswith("interrupted: "), err
         assert not glob.glob(os.path.join(out, "*.tmp"))
@@ -288,6 +327,11 @@ def test_kill_and_resume(corpus, reference_run, tmp_path, mode, n):
             os.killpg(proc.pid, 0)  # no worker outlived the main process
     else:
         assert proc.returncode == -signal.SIGKILL, err
+    if mode == "main_killed":  # its workers go with it, not blocked for ever on a pipe nobody reads
+        deadline = time.time() + 10
+        while time.time() < deadline and live_in_session(proc.pid):
+            time.sleep(0.1)
+        assert not live_in_session(proc.pid)
     # what the kill left: whole shards under final names, never a partial one
     finished = shard_files(out)
     assert n - 1 <= len(finished) < len(shard_files(reference_run))

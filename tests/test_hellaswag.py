@@ -180,6 +180,18 @@ def test_unreachable_hub_gives_one_clear_error(tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "cache") == []  # nothing half-written is left behind
 
 
+def test_an_endpoint_without_a_scheme_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "hf-mirror.example")
+    with pytest.raises(UserError, match="cannot download HellaSwag from hf-mirror.example/datasets/.*unknown url type"):
+        hellaswag.load_examples(cache_dir=str(tmp_path / "cache"))
+
+
+def test_a_jsonl_file_with_a_byte_order_mark_reads(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(ex) + "\n" for ex in EXAMPLES[:3]).encode())
+    assert hellaswag.read_examples(str(path)) == EXAMPLES[:3]
+
+
 def test_download_is_cached_atomically_and_once(tmp_path, monkeypatch):
     data = parquet_bytes(EXAMPLES)
     calls, seen_during_download = [], []
