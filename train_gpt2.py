@@ -382,7 +382,7 @@ class DataLoader:
     next B * world_size windows and rank r gets the r-th run of B of them. A micro-step may take windows
     from the end of one shard and the start of the next, so every rank changes shard on the same step
     and fewer than T+1 tokens at a shard's end go unused. With shuffle, the shard order and the window
-    order inside each shard are permuted, seeded by (seed, epoch), so the state is three integers.
+    order inside each shard are permuted, seeded by (seed, epoch), so the position is three integers.
     """
 
     def __init__(self, shards, B, T, rank=0, world_size=1, shuffle=False, seed=0, split="train", pin_memory=False,
@@ -390,10 +390,10 @@ class DataLoader:
         self.shards, self.B, self.T, self.pin_memory = shards, B, T, pin_memory
         self.split, self.vocab_size = split, vocab_size
         self.rank, self.world_size, self.shuffle, self.seed = rank, world_size, shuffle, seed
-        self.windows = [max(len(s) - 1, 0) // T for s in shards]
+        self.shard_tokens = [len(s) for s in shards]
+        self.windows = [max(n - 1, 0) // T for n in self.shard_tokens]
         if sum(self.windows) < B * world_size:
-            tokens = sum(len(s) for s in shards)
-            raise UserError(f"the {split} data holds {tokens:,} tokens, too few for one micro-batch of "
+            raise UserError(f"the {split} data holds {sum(self.shard_tokens):,} tokens, too few for one micro-batch of "
                             f"{world_size} x {B} x {T} tokens: use a smaller --batch_size or --seq_len")
         self.reset()
 
@@ -403,11 +403,11 @@ class DataLoader:
     def state_dict(self):
         """The position, and what it is a position in: the shards' lengths and the order they are read in."""
         return {"epoch": self.epoch, "shard_pos": self.shard_pos, "cursor": self.cursor,
-                "shard_tokens": [len(s) for s in self.shards], "shuffle": self.shuffle, "seed": self.seed}
+                "shard_tokens": self.shard_tokens, "shuffle": self.shuffle, "seed": self.seed}
 
     def set_state(self, state):
         """Go to a position; one from other data or another order (a checkpoint's) is refused."""
-        had, has = state.get("shard_tokens"), [len(s) for s in self.shards]
+        had, has = state.get("shard_tokens"), self.shard_tokens
         if had is not None and had != has:
             raise UserError(f"the checkpoint's run read other {self.split} data ({len(had)} shards, {sum(had):,} "
                             f"tokens; this --data has {len(has)}, {sum(has):,} tokens): resume with the same data")
@@ -1208,6 +1208,7 @@ def run_cli(main, memory_hint="use a smaller --batch_size"):
 
 
 def out_of_memory(e, hint):
+    """One line for an allocation failure: its first sentences (CUDA's, or the CPU allocator's), and a hint."""
     what = re.sub(r"^.*DefaultCPUAllocator: ", "", ". ".join(str(e).strip().split(". ")[:2]))
     return f"error: out of memory ({what or type(e).__name__}): {hint}"
 

@@ -362,11 +362,12 @@ def test_full_disk_while_checkpointing(tmp_path, reference, monkeypatch, capsys,
 # -----------------------------------------------------------------------------
 # Divergence: stop naming the step, or skip the update; never a checkpoint of non-finite weights
 
-DIVERGE = FAST + ["--max_lr", "1e30", "--max_steps", "4", "--checkpoint_every", "1", "--eval_every", "0"]
+DIVERGE = FAST + ["--max_lr", "1", "--weight_decay", "1e30", "--max_steps", "4", "--checkpoint_every", "1",
+                  "--eval_every", "0"]
 
 
 def test_nonfinite_loss_stops_the_run_without_saving_it(tmp_path):
-    # a learning rate of 1e30 gives weights near 1e29 after step 0, and inf/NaN activations in step 1
+    # a weight decay of 1e30 scales the weights by about -1e29 in step 0, giving inf/NaN activations in step 1
     log_dir = str(tmp_path / "log")
     r = train(DIVERGE + ["--log_dir", log_dir])
     assert r.returncode == 1 and "Traceback" not in r.stderr
