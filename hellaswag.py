@@ -312,6 +312,7 @@ def main(argv=None):
     if rank == 0:
         print(f"hellaswag: n={res['n']} acc={res['acc']:.4f} acc_norm={res['acc_norm']:.4f}")
     if dist.is_initialized():
+        dist.barrier()  # no rank tears down gloo while another still talks to it (seen to abort a rank)
         dist.destroy_process_group()
 
 

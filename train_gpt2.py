@@ -1182,6 +1182,7 @@ def main(argv=None):
         log(f"{step} train {loss:.6f}")
 
     if dist.is_initialized():
+        dist.barrier()  # all ranks done (rank 0's last checkpoint written) before any tears the group down
         dist.destroy_process_group()
 
 

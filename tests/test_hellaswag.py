@@ -372,6 +372,7 @@ urllib.request.urlopen = fake_urlopen
 examples = hellaswag.load_examples(cache_dir=cache)
 res = hellaswag.evaluate(random_gpt(), examples, "cpu", rank=rank, world_size=dist.get_world_size(), batch_size=2)
 json.dump(res, open(os.path.join(out, f"rank{{rank}}.json"), "w"))
+dist.barrier()
 dist.destroy_process_group()
 """
 
