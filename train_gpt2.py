@@ -352,6 +352,8 @@ def load_shard(path):
 
 def load_splits(data, need_val):
     """{'train': [token arrays], 'val': [...]} from a folder of shards or from one text file."""
+    if os.path.isfile(data) and data.endswith(".npy"):
+        raise UserError(f"{data} is one shard: --data takes the folder of *_train_*/*_val_* shards, or a text file")
     if os.path.isfile(data):
         # the lecture's first loader: tokenize the whole file in memory, 90% train, 10% val
         try:

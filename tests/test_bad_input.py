@@ -94,6 +94,7 @@ CASES = [
     ("train_gpt2.py", ["--data", "{d}/int32"], "uint16"),
     ("train_gpt2.py", ["--data", "{d}/short"], "too few for one micro-batch"),
     ("train_gpt2.py", ["--data", "{d}/binary.txt"], "cannot read text file"),
+    ("train_gpt2.py", ["--data", "{d}/int32/edufineweb_val_000000.npy"], "is one shard: --data takes the folder"),
     ("train_gpt2.py", ["--total_batch_size", "1000"], "try --total_batch_size 1024 or 896"),
     ("train_gpt2.py", ["--batch_size", "3"], "not divisible"),
     ("train_gpt2.py", ["--model", "gpt5"], "unknown --model 'gpt5'"),
