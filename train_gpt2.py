@@ -413,8 +413,8 @@ class DataLoader:
         if had is not None and had != has:
             raise UserError(f"the checkpoint's run read other {self.split} data ({len(had)} shards, {sum(had):,} "
                             f"tokens; this --data has {len(has)}, {sum(has):,} tokens): resume with the same data")
-        order = (state["shuffle"], state["seed"] if state["shuffle"] else None) if "shuffle" in state else None
-        if order is not None and order != (self.shuffle, self.seed if self.shuffle else None):  # seed: shuffled only
+        # the seed orders shuffled data only
+        if "shuffle" in state and (state["shuffle"] != self.shuffle or (self.shuffle and state["seed"] != self.seed)):
             raise UserError("the checkpoint's run read its data " + (f"shuffled with --seed {state['seed']}"
                             if state["shuffle"] else "in order, without --shuffle") + ": resume it the same way")
         self.epoch, self.shard_pos, self.cursor = state["epoch"], state["shard_pos"], state["cursor"]
@@ -1044,9 +1044,10 @@ def main(argv=None):
     os.makedirs(args.log_dir, exist_ok=True)
     log_path = os.path.join(args.log_dir, "log.txt")
     start_step, evals_done, ckpt, ckpt_path = 0, True, None, None
+    has_log = os.path.exists(log_path) and os.path.getsize(log_path) > 0
     if args.resume == "auto":
         ckpt, ckpt_path = find_resume_checkpoint(args.log_dir, say)
-        if ckpt is None and os.path.exists(log_path) and os.path.getsize(log_path):
+        if ckpt is None and has_log:
             say(f"warning: {args.log_dir}/ holds no checkpoint yet: starting at step 0, the log starts over")
     elif args.resume != "none":
         ckpt, ckpt_path = load_checkpoint(args.resume), args.resume
@@ -1087,7 +1088,7 @@ def main(argv=None):
             (": the run is complete, nothing left to train" if start_step == args.max_steps else ""))
     elif args.resume == "none":
         earlier = [path for _, path in list_checkpoints(args.log_dir)]
-        if (earlier or (os.path.exists(log_path) and os.path.getsize(log_path))) and not args.overwrite:
+        if (earlier or has_log) and not args.overwrite:
             raise UserError(f"{args.log_dir}/ already holds a run: continue it with --resume auto, "
                             "start over with --overwrite, or choose another --log_dir")
         if master:
@@ -1133,8 +1134,8 @@ def main(argv=None):
                 log(f"{step} hella {res['acc_norm']:.4f}")
             if prompt and (step > 0 or last_step) and due(args.sample_every):
                 generator = torch.Generator(device=device).manual_seed(42 + rank)
-                rows = generate(model, prompt, args.num_samples, args.sample_length,
-                                device, generator, amp, enc.n_vocab)
+                rows = generate(model, prompt, args.num_samples, args.sample_length, device, generator, amp,
+                                enc.n_vocab)
                 for i, row in enumerate(rows):
                     print(f"rank {rank} sample {i}: {enc.decode(row)}")
         path = os.path.join(args.log_dir, f"model_{step:05d}." + ("dcp" if args.fsdp else "pt"))
