@@ -26,8 +26,9 @@ def seed_cache(cache_dir):
     for name, url in URLS.items():
         dst = os.path.join(cache_dir, hashlib.sha1(url.encode()).hexdigest())
         if not os.path.exists(dst):
-            shutil.copyfile(os.path.join(src, name), dst + ".tmp")
-            os.replace(dst + ".tmp", dst)
+            tmp = f"{dst}.tmp{os.getpid()}"  # each process its own: test workers may seed at once
+            shutil.copyfile(os.path.join(src, name), tmp)
+            os.replace(tmp, dst)
     return cache_dir
 
 
