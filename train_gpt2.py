@@ -732,6 +732,70 @@ def trim_log(log_path, resume_step, evals_done=True):
     os.replace(log_path + ".tmp", log_path)
 
 
+def resume_or_start(args, model, optimizer, scaler, train_loader, T, device_type, master, say):
+    """Load the checkpoint to resume from (--resume), or make sure a fresh run overwrites nothing by accident.
+
+    Returns (start_step, evals_done, resumed). The log keeps only the records before the starting point."""
+    log_path = os.path.join(args.log_dir, "log.txt")
+    start_step, evals_done, ckpt, ckpt_path = 0, True, None, None
+    has_log = os.path.exists(log_path) and os.path.getsize(log_path) > 0
+    if args.resume == "auto":
+        ckpt, ckpt_path = find_resume_checkpoint(args.log_dir, say)
+        if ckpt is None and has_log:
+            say(f"warning: {args.log_dir}/ holds no checkpoint yet: starting at step 0, the log starts over")
+    elif args.resume != "none":
+        ckpt, ckpt_path = load_checkpoint(args.resume), args.resume
+    if ckpt is not None:
+        missing = ({"loader", "rng"} | ({"optimizer"} if not ckpt["sharded"] else set())) - set(ckpt)
+        if missing:
+            raise UserError(f"checkpoint {ckpt_path} has no {', '.join(sorted(missing))}: it can be evaluated "
+                            "(hellaswag.py -c), not resumed")
+        if ckpt["sharded"] != args.fsdp:
+            raise UserError(f"checkpoint {ckpt_path} was written " + ("with" if ckpt["sharded"] else "without") +
+                            " --fsdp: resume it the same way")
+        if ckpt["config"] != asdict(model.config):
+            raise UserError(f"checkpoint {ckpt_path} is for model {ckpt['config']}, but this run builds "
+                            f"{asdict(model.config)}: pass the same model flags, or another --log_dir")
+        if ckpt.get("seq_len", T) != T:
+            raise UserError(f"checkpoint {ckpt_path} was trained with --seq_len {ckpt['seq_len']}, not {T}")
+        if args.fsdp:
+            load_sharded_state(ckpt_path, model, optimizer)
+        else:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt.get("scaler", {}))
+        train_loader.set_state(ckpt["loader"])
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if device_type == "cuda" and "cuda" in ckpt["rng"]:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+        start_step, evals_done = ckpt["step"], ckpt.get("evals_done", True)
+        if start_step > args.max_steps:
+            raise UserError(f"checkpoint {ckpt_path} is at step {start_step}, past --max_steps {args.max_steps}")
+        later = [path for s, path in list_checkpoints(args.log_dir) if s > start_step] if args.resume != "auto" else []
+        if later and not args.overwrite:  # a later --resume auto would take them for this run's
+            raise UserError(f"{args.log_dir}/ holds checkpoints after step {start_step} "
+                            f"({', '.join(os.path.basename(p) for p in later)}): to go on from {ckpt_path} "
+                            "instead, delete them with --overwrite, or choose another --log_dir")
+        for path in later if master else []:
+            remove_checkpoint(path)
+        say(f"resuming from {ckpt_path} at step {start_step}" +
+            (": the run is complete, nothing left to train" if start_step == args.max_steps else ""))
+    elif args.resume == "none":
+        earlier = [path for _, path in list_checkpoints(args.log_dir)]
+        if (earlier or has_log) and not args.overwrite:
+            raise UserError(f"{args.log_dir}/ already holds a run: continue it with --resume auto, "
+                            "start over with --overwrite, or choose another --log_dir")
+        if master:
+            for path in earlier:  # --overwrite: they would be mistaken for this run's checkpoints
+                remove_checkpoint(path)
+    resumed = ckpt is not None
+    if master:
+        trim_log(log_path, start_step if resumed else -1, evals_done)
+        for tmp in glob.glob(os.path.join(glob.escape(args.log_dir), "model_*.tmp*")):
+            remove_checkpoint(tmp)  # half a checkpoint, left by a run killed while writing it
+    return start_step, evals_done, resumed
+
+
 # bf16 dense tensor-core peak of common cards, for MFU
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
                    "L4": 121e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
@@ -1043,63 +1107,8 @@ def main(argv=None):
     # resume, or start a fresh run
     os.makedirs(args.log_dir, exist_ok=True)
     log_path = os.path.join(args.log_dir, "log.txt")
-    start_step, evals_done, ckpt, ckpt_path = 0, True, None, None
-    has_log = os.path.exists(log_path) and os.path.getsize(log_path) > 0
-    if args.resume == "auto":
-        ckpt, ckpt_path = find_resume_checkpoint(args.log_dir, say)
-        if ckpt is None and has_log:
-            say(f"warning: {args.log_dir}/ holds no checkpoint yet: starting at step 0, the log starts over")
-    elif args.resume != "none":
-        ckpt, ckpt_path = load_checkpoint(args.resume), args.resume
-    if ckpt is not None:
-        missing = ({"loader", "rng"} | ({"optimizer"} if not ckpt["sharded"] else set())) - set(ckpt)
-        if missing:
-            raise UserError(f"checkpoint {ckpt_path} has no {', '.join(sorted(missing))}: it can be evaluated "
-                            "(hellaswag.py -c), not resumed")
-        if ckpt["sharded"] != args.fsdp:
-            raise UserError(f"checkpoint {ckpt_path} was written " + ("with" if ckpt["sharded"] else "without") +
-                            " --fsdp: resume it the same way")
-        if ckpt["config"] != asdict(config):
-            raise UserError(f"checkpoint {ckpt_path} is for model {ckpt['config']}, but this run builds "
-                            f"{asdict(config)}: pass the same model flags, or another --log_dir")
-        if ckpt.get("seq_len", T) != T:
-            raise UserError(f"checkpoint {ckpt_path} was trained with --seq_len {ckpt['seq_len']}, not {T}")
-        if args.fsdp:
-            load_sharded_state(ckpt_path, model, optimizer)
-        else:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt.get("scaler", {}))
-        train_loader.set_state(ckpt["loader"])
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        if device_type == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-        start_step, evals_done = ckpt["step"], ckpt.get("evals_done", True)
-        if start_step > args.max_steps:
-            raise UserError(f"checkpoint {ckpt_path} is at step {start_step}, past --max_steps {args.max_steps}")
-        later = [path for s, path in list_checkpoints(args.log_dir) if s > start_step] if args.resume != "auto" else []
-        if later and not args.overwrite:  # a later --resume auto would take them for this run's
-            raise UserError(f"{args.log_dir}/ holds checkpoints after step {start_step} "
-                            f"({', '.join(os.path.basename(p) for p in later)}): to go on from {ckpt_path} "
-                            "instead, delete them with --overwrite, or choose another --log_dir")
-        for path in later if master else []:
-            remove_checkpoint(path)
-        say(f"resuming from {ckpt_path} at step {start_step}" +
-            (": the run is complete, nothing left to train" if start_step == args.max_steps else ""))
-    elif args.resume == "none":
-        earlier = [path for _, path in list_checkpoints(args.log_dir)]
-        if (earlier or has_log) and not args.overwrite:
-            raise UserError(f"{args.log_dir}/ already holds a run: continue it with --resume auto, "
-                            "start over with --overwrite, or choose another --log_dir")
-        if master:
-            for path in earlier:  # --overwrite: they would be mistaken for this run's checkpoints
-                remove_checkpoint(path)
-    resumed = ckpt is not None
-    if master:
-        trim_log(log_path, start_step if resumed else -1, evals_done)
-        for tmp in glob.glob(os.path.join(glob.escape(args.log_dir), "model_*.tmp*")):
-            remove_checkpoint(tmp)  # half a checkpoint, left by a run killed while writing it
-    del ckpt
+    start_step, evals_done, resumed = resume_or_start(args, model, optimizer, scaler, train_loader, T,
+                                                      device_type, master, say)
 
     # compile and wrap. Evaluation runs the compiled module directly (same shapes as training, compiled
     # once more for no_grad); sampling grows its input every token, so it runs the eager model.
