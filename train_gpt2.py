@@ -22,6 +22,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 
@@ -397,7 +398,14 @@ class DataLoader:
         if sum(self.windows) < B * world_size:
             raise UserError(f"the {split} data holds {sum(self.shard_tokens):,} tokens, too few for one micro-batch of "
                             f"{world_size} x {B} x {T} tokens: use a smaller --batch_size or --seq_len")
+        for shard in shards:  # a look at each shard's start (2 MB): data of another kind fails here, before training
+            self.check_ids(shard[:2**20])
         self.reset()
+
+    def check_ids(self, tokens):
+        if len(tokens) and tokens.max() >= self.vocab_size:  # an embedding lookup would fail (on a GPU: an assert)
+            raise UserError(f"the {self.split} data holds token id {tokens.max()}, beyond the model's vocab_size "
+                            f"{self.vocab_size}: are these GPT-2 tokens?")
 
     def reset(self):
         self.set_state({"epoch": 0, "shard_pos": 0, "cursor": 0})
@@ -459,9 +467,7 @@ class DataLoader:
         mine = picks[self.rank * self.B:(self.rank + 1) * self.B]
         T = self.T
         buf = np.stack([self.shards[s][w * T:w * T + T + 1] for s, w in mine]).astype(np.int64)
-        if buf.max() >= self.vocab_size:  # an embedding lookup would fail on it (on a GPU: a device-side assert)
-            raise UserError(f"the {self.split} data holds token id {buf.max()}, beyond the model's vocab_size "
-                            f"{self.vocab_size}: are these GPT-2 tokens?")
+        self.check_ids(buf)
         x, y = torch.from_numpy(buf[:, :-1].copy()), torch.from_numpy(buf[:, 1:].copy())
         if self.pin_memory:  # page-locked: the copy to the GPU runs while the host goes on to the next batch
             x, y = x.pin_memory(), y.pin_memory()
@@ -591,6 +597,9 @@ def load_checkpoint(path):
     them for load_sharded_state."""
     sharded = os.path.isdir(path)
     meta = os.path.join(path, "meta.pt") if sharded else path
+    if sharded and not CHECKPOINT_NAME.search(os.path.basename(os.path.normpath(path))):
+        raise UserError(f"{path} is a folder, not a checkpoint: pass a model_<step>.pt file or a "
+                        "model_<step>.dcp folder")
     if not os.path.isfile(meta):
         raise UserError(f"checkpoint {path} does not exist" + (" or is incomplete" if sharded else ""))
     try:
@@ -660,17 +669,21 @@ def checkpoint_error(e, what):
     return f"{what}: {cause.strerror if isinstance(cause, OSError) and cause.strerror else type(cause).__name__}"
 
 
-def load_sharded_state(path, model, optimizer):
-    """Fill a sharded model and its optimizer from an FSDP checkpoint, at any world size (DCP reshards)."""
+def load_sharded_state(path, model, optimizer=None):
+    """Fill a sharded model and its optimizer from an FSDP checkpoint, at any world size (DCP reshards).
+    Without an optimizer: the weights alone, into any model, also in a single process (hellaswag.py -c)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    model_state, optim_state = get_state_dict(model, optimizer)
+    optimizers = (optimizer,) if optimizer else ()
+    model_state, optim_state = get_state_dict(model, optimizers)
     state = {"model": model_state, "optimizer": optim_state}
     try:
-        dcp.load(state, checkpoint_id=path)
+        with warnings.catch_warnings():  # that one process reads all the shards is meant
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=path)
     except dcp.api.CheckpointException as e:
         raise UserError(checkpoint_error(e, f"checkpoint {path} is truncated or corrupt"))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 def list_checkpoints(log_dir):
@@ -680,8 +693,9 @@ def list_checkpoints(log_dir):
     return sorted(found)
 
 
-def find_resume_checkpoint(log_dir, warn):
-    """The newest checkpoint in log_dir that loads, skipping broken ones; None if there is none.
+def find_resume_checkpoint(log_dir, warn, overwrite=False):
+    """The newest checkpoint in log_dir that loads, skipping broken ones; None if there is none (or, with
+    overwrite, none that loads).
 
     Both kinds count: an FSDP checkpoint found by a run without --fsdp is refused, not passed over."""
     found = list_checkpoints(log_dir)
@@ -690,7 +704,7 @@ def find_resume_checkpoint(log_dir, warn):
             return load_checkpoint(path), path
         except UserError as e:
             warn(f"warning: skipping {e}")
-    if found:  # starting over would trim the log of a run whose checkpoints are all lost
+    if found and not overwrite:  # starting over would trim the log of a run whose checkpoints are all lost
         raise UserError(f"no checkpoint in {log_dir}/ loads: start over with --overwrite, or pick one with --resume")
     return None, None
 
@@ -737,15 +751,28 @@ def resume_or_start(args, model, optimizer, scaler, train_loader, T, device_type
 
     Returns (start_step, evals_done, resumed). The log keeps only the records before the starting point."""
     log_path = os.path.join(args.log_dir, "log.txt")
-    start_step, evals_done, ckpt, ckpt_path = 0, True, None, None
-    has_log = os.path.exists(log_path) and os.path.getsize(log_path) > 0
+    span = log_span(log_path)
+    ckpt, ckpt_path = None, None
     if args.resume == "auto":
-        ckpt, ckpt_path = find_resume_checkpoint(args.log_dir, say)
-        if ckpt is None and has_log:
-            say(f"warning: {args.log_dir}/ holds no checkpoint yet: starting at step 0, the log starts over")
+        ckpt, ckpt_path = find_resume_checkpoint(args.log_dir, say, args.overwrite)
     elif args.resume != "none":
         ckpt, ckpt_path = load_checkpoint(args.resume), args.resume
-    if ckpt is not None:
+    if ckpt is None:  # a fresh run
+        earlier = [path for _, path in list_checkpoints(args.log_dir)]
+        if (earlier or span) and not args.overwrite:
+            if args.resume == "none":
+                raise UserError(f"{args.log_dir}/ already holds a run: continue it with --resume auto, "
+                                "start over with --overwrite, or choose another --log_dir")
+            first, trained = span  # --resume auto, and no checkpoint at all
+            if first > 0 or trained >= (args.checkpoint_every or args.max_steps):
+                raise UserError(f"{log_path} records a run from step {first}, but {args.log_dir}/ holds none of its "
+                                "checkpoints: go on with --resume PATH (the checkpoint it started from, or one "
+                                "moved away), or start over with --overwrite")
+            say(f"warning: {args.log_dir}/ holds no checkpoint yet: starting at step 0, the log starts over")
+        for path in earlier if master else []:  # --overwrite: they would be mistaken for this run's checkpoints
+            remove_checkpoint(path)
+        start_step, evals_done, foreign = 0, True, True
+    else:
         missing = ({"loader", "rng"} | ({"optimizer"} if not ckpt["sharded"] else set())) - set(ckpt)
         if missing:
             raise UserError(f"checkpoint {ckpt_path} has no {', '.join(sorted(missing))}: it can be evaluated "
@@ -758,6 +785,9 @@ def resume_or_start(args, model, optimizer, scaler, train_loader, T, device_type
                             f"{asdict(model.config)}: pass the same model flags, or another --log_dir")
         if ckpt.get("seq_len", T) != T:
             raise UserError(f"checkpoint {ckpt_path} was trained with --seq_len {ckpt['seq_len']}, not {T}")
+        start_step, evals_done = ckpt["step"], ckpt.get("evals_done", True)
+        if start_step > args.max_steps:
+            raise UserError(f"checkpoint {ckpt_path} is at step {start_step}, past --max_steps {args.max_steps}")
         if args.fsdp:
             load_sharded_state(ckpt_path, model, optimizer)
         else:
@@ -768,10 +798,15 @@ def resume_or_start(args, model, optimizer, scaler, train_loader, T, device_type
         torch.set_rng_state(ckpt["rng"]["cpu"])
         if device_type == "cuda" and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-        start_step, evals_done = ckpt["step"], ckpt.get("evals_done", True)
-        if start_step > args.max_steps:
-            raise UserError(f"checkpoint {ckpt_path} is at step {start_step}, past --max_steps {args.max_steps}")
-        later = [path for s, path in list_checkpoints(args.log_dir) if s > start_step] if args.resume != "auto" else []
+        # a checkpoint from another folder starts a branch here: what is here must be that branch (its log starts
+        # at this step, its checkpoints come after it) or nothing
+        found = list_checkpoints(args.log_dir)
+        outside = os.path.realpath(os.path.dirname(ckpt_path) or ".") != os.path.realpath(args.log_dir)
+        foreign = outside and ((span and span[0] != start_step) or any(s <= start_step for s, _ in found))
+        if foreign and not args.overwrite:
+            raise UserError(f"{args.log_dir}/ holds another run: to go on from {ckpt_path} there, replace it with "
+                            "--overwrite, or choose another --log_dir")
+        later = [path for s, path in found if foreign or s > start_step] if args.resume != "auto" else []
         if later and not args.overwrite:  # a later --resume auto would take them for this run's
             raise UserError(f"{args.log_dir}/ holds checkpoints after step {start_step} "
                             f"({', '.join(os.path.basename(p) for p in later)}): to go on from {ckpt_path} "
@@ -780,20 +815,22 @@ def resume_or_start(args, model, optimizer, scaler, train_loader, T, device_type
             remove_checkpoint(path)
         say(f"resuming from {ckpt_path} at step {start_step}" +
             (": the run is complete, nothing left to train" if start_step == args.max_steps else ""))
-    elif args.resume == "none":
-        earlier = [path for _, path in list_checkpoints(args.log_dir)]
-        if (earlier or has_log) and not args.overwrite:
-            raise UserError(f"{args.log_dir}/ already holds a run: continue it with --resume auto, "
-                            "start over with --overwrite, or choose another --log_dir")
-        if master:
-            for path in earlier:  # --overwrite: they would be mistaken for this run's checkpoints
-                remove_checkpoint(path)
-    resumed = ckpt is not None
     if master:
-        trim_log(log_path, start_step if resumed else -1, evals_done)
+        trim_log(log_path, -1 if foreign else start_step, evals_done)
         for tmp in glob.glob(os.path.join(glob.escape(args.log_dir), "model_*.tmp*")):
             remove_checkpoint(tmp)  # half a checkpoint, left by a run killed while writing it
-    return start_step, evals_done, resumed
+    return start_step, evals_done, ckpt is not None
+
+
+def log_span(log_path):
+    """(first step, last trained step or -1) of the records in a log.txt; None if it holds none."""
+    if not os.path.exists(log_path):
+        return None
+    with open(log_path) as f:
+        records = [(int(r[0]), r[1]) for r in map(str.split, f) if len(r) == 3 and r[0].isdigit()]
+    if not records:
+        return None
+    return records[0][0], max((step for step, kind in records if kind == "train"), default=-1)
 
 
 # bf16 dense tensor-core peak of common cards, for MFU
@@ -859,7 +896,8 @@ def parse_args(argv=None):
     a("--skip_nonfinite", action="store_true", help="skip an update whose loss or grad norm is inf/NaN (default: stop)")
     a("--dist_timeout", type=float, default=600, help="seconds a rank waits for the others before the job fails")
     a("--overwrite", action="store_true",
-      help="start fresh even if --log_dir holds an earlier run; with --resume PATH, drop the checkpoints after it")
+      help="start fresh even if --log_dir holds an earlier run (with --resume auto: if no checkpoint loads); with "
+      "--resume PATH, drop the checkpoints after it, or the other run --log_dir holds")
     a("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     a("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
       help="autocast dtype; auto: bf16 on CUDA (fp16 + GradScaler without bf16), fp32 elsewhere")
@@ -877,7 +915,7 @@ def parse_args(argv=None):
     a("--world_size", type=int, help="GPUs for --dry_run to plan for (default: this launch's)")
     args = p.parse_args(argv)
     for name in ("batch_size", "seq_len", "total_batch_size", "max_steps", "val_steps", "num_samples", "world_size",
-                 "dist_timeout", "n_layer", "n_head", "n_embd", "block_size"):
+                 "n_layer", "n_head", "n_embd", "block_size"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             p.error(f"--{name} must be positive")
     for name in ("eval_every", "hellaswag_every", "sample_every", "checkpoint_every", "warmup_steps",
@@ -890,6 +928,8 @@ def parse_args(argv=None):
     for name in ("max_lr", "min_lr"):  # AdamW moves each weight by about the LR per step
         if getattr(args, name) is not None and getattr(args, name) > 1:
             p.error(f"--{name} must be at most 1")
+    if not 1 <= args.dist_timeout < math.inf:
+        p.error("--dist_timeout must be a finite number of seconds, 1 or more")
     if args.vocab_size is not None and args.vocab_size < 50257:
         p.error("--vocab_size must hold the GPT-2 tokenizer's 50257 tokens")
     if args.sample_every and not args.sample_prompt:
@@ -915,6 +955,8 @@ def apply_preset(args):
     if args.init_from == "scratch":
         args.seq_len = args.seq_len or args.block_size
     args.min_lr = args.max_lr / 10 if args.min_lr is None else args.min_lr
+    if args.min_lr > args.max_lr:  # the cosine would climb
+        raise UserError(f"--min_lr {args.min_lr:g} is above the peak LR {args.max_lr:g}")
     config = GPTConfig(args.block_size, args.vocab_size, args.n_layer, args.n_head, args.n_embd)
     if config.n_embd % config.n_head:
         raise UserError(f"--n_embd {config.n_embd} is not divisible by --n_head {config.n_head}")
@@ -1025,7 +1067,7 @@ def autocast_dtype(dtype_arg, device_type):
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if dtype_arg == "fp16" and device_type != "cuda":
-        raise UserError("--dtype fp16 needs a CUDA GPU (it trains with a GradScaler); use bf16 or fp32")
+        raise UserError("--dtype fp16 needs a CUDA GPU; use bf16 or fp32")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_arg]
 
 
@@ -1198,7 +1240,7 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
-def run_cli(main, memory_hint="use a smaller --batch_size"):
+def run_cli(main, memory_hint="use a smaller --batch_size", lost_rank_hint="resume with --resume auto"):
     """Run a script's main(): a UserError, an OSError (a full disk, ...), running out of memory or a lost rank
     becomes one line on stderr and exit status 1, no traceback; an interrupt before training starts exits
     with 130."""
@@ -1217,7 +1259,7 @@ def run_cli(main, memory_hint="use a smaller --batch_size"):
             raise
         why = re.sub(r"^\[[^]]*\] *", "", str(e).strip()).split(". ")[0]
         exit_with(f"error: rank {dist.get_rank()} lost the other ranks ({why}): one of them died or hangs, see its "
-                  "output; resume with --resume auto")
+                  f"output; {lost_rank_hint}")
 
 
 def out_of_memory(e, hint):

@@ -70,6 +70,7 @@ def d(tmp_path_factory):
     (d / "content.jsonl").write_text('{"content": "x"}\n')
     pq.write_table(pa.table({"text": [1, 2]}), d / "ints.parquet")
     pq.write_table(pa.table({"body": ["a", "b"], "id": ["1", "2"]}), d / "body.parquet")
+    (d / "truncated.parquet").write_bytes((d / "corpus.parquet").read_bytes()[:200])
     (d / "notes.txt").write_text("x")
     return d
 
@@ -108,6 +109,8 @@ CASES = [
     ("train_gpt2.py", ["--data", "{d}/short", "--batch_size", "1", "--total_batch_size", "32"],
      "the checkpoint's run read other train data"),
     ("train_gpt2.py", ["--data", "{d}/oor", "--log_dir", "{d}/oor_run"], "holds token id 65535, beyond the model's"),
+    # refused before --overwrite deletes anything of the run in {d}/run
+    ("train_gpt2.py", ["--data", "{d}/oor", "--resume", "none", "--overwrite"], "the train data holds token id 65535"),
     ("train_gpt2.py", ["--dry_run", "--seq_len", "128"], "--seq_len 128 exceeds the model's block_size 64"),
     ("train_gpt2.py", ["--n_embd", "64"], "is for model"),
     ("train_gpt2.py", ["--seq_len", "16"], "was trained with --seq_len 32, not 16"),
@@ -127,7 +130,9 @@ CASES = [
     ("train_gpt2.py", ["--vocab_size", str(10**12)], "out of memory (can't allocate memory: you tried to allocate"),
     ("train_gpt2.py", ["--seed", "-1"], "--seed must be 0 or more"),
     ("train_gpt2.py", ["--keep_checkpoints", "-1"], "--keep_checkpoints must be 0 or more"),
-    ("train_gpt2.py", ["--dist_timeout", "0"], "--dist_timeout must be positive"),
+    ("train_gpt2.py", ["--dist_timeout", "0"], "--dist_timeout must be a finite number of seconds, 1 or more"),
+    ("train_gpt2.py", ["--dist_timeout", "inf"], "--dist_timeout must be a finite number of seconds, 1 or more"),
+    ("train_gpt2.py", ["--min_lr", "0.5"], "--min_lr 0.5 is above the peak LR 0.01"),
     ("train_gpt2.py", ["--sample_every", "1", "--sample_prompt="], "--sample_prompt is empty"),
     ("train_gpt2.py", ["--compile", "maybe"], "argument --compile: invalid choice"),
     ("train_gpt2.py", ["--compile_mode", "fast"], "argument --compile_mode: invalid choice"),
@@ -144,6 +149,9 @@ CASES = [
     ("hellaswag.py", ["-c", "{d}/run/model_00001.pt", "--data", "{d}/bad_hella.jsonl"], "'label' must be 0, 1, 2 or 3"),
     ("hellaswag.py", ["-c", "{d}/run/model_00001.pt", "--device", "tpu"], "use auto, cpu, cuda, cuda:N or mps"),
     ("hellaswag.py", ["-c", "x.pt", "--limit", "0"], "--limit must be positive"),
+    ("hellaswag.py", ["-c", "{d}/run", "--data", "{d}/hella.jsonl"], "{d}/run is a folder, not a checkpoint"),
+    ("hellaswag.py", ["-c", "{d}/run/model_00001.pt", "--data", "{d}/hella.jsonl", "--device", "cpu", "--dtype", "fp16"],
+     "--dtype fp16 needs a CUDA GPU; use bf16 or fp32"),
     ("fineweb.py", ["--dataset", "c4"], "unknown --dataset 'c4'"),
     ("fineweb.py", ["--remote_name", "sample-banana"], "unknown --remote_name 'sample-banana'"),
     ("fineweb.py", ["--shard_size", "1.5"], "argument --shard_size: need a positive whole number, got 1.5"),
@@ -154,6 +162,7 @@ CASES = [
     ("fineweb.py", ["--local_files", "{d}/ints.parquet"], "{d}/ints.parquet: column 'text' holds int64, not strings"),
     ("fineweb.py", ["--local_files", "{d}/*.none"], "no file matches {d}/*.none"),
     ("fineweb.py", ["--local_files", "{d}/notes.txt"], "{d}/notes.txt: unsupported file type"),
+    ("fineweb.py", ["--local_files", "{d}/truncated.parquet"], "cannot open {d}/truncated.parquet: ArrowInvalid"),
     ("fineweb.py", ["--local_files", "{d}/corpus.parquet", "--out_dir", "{d}/a_file/shards"],
      "cannot create the output folder {d}/a_file/shards"),
     ("fineweb.py", ["--local_files", "{d}/corpus.parquet", "--out_dir", "{d}/foreign"], "no manifest.json"),

@@ -88,13 +88,67 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(tmp_path, uninterrupte
     assert_same_run(uninterrupted, log_dir)
 
 
+def folder_bytes(folder):
+    return {name: open(os.path.join(folder, name), "rb").read() for name in os.listdir(folder)}
+
+
 def test_resume_auto_before_the_first_checkpoint_starts_over_and_says_so(tmp_path, uninterrupted):
     log_dir = tmp_path / "log"
     log_dir.mkdir()
-    shutil.copy(os.path.join(uninterrupted, "log.txt"), log_dir)  # a run killed before its first checkpoint
+    with open(os.path.join(uninterrupted, "log.txt")) as f:  # a run killed before its first checkpoint (step 6)
+        (log_dir / "log.txt").write_text("".join(line for line in f if int(line.split()[0]) < 6))
     r = ok(train(RESUME + ["--log_dir", str(log_dir), "--resume", "auto"]))
     assert f"warning: {log_dir}/ holds no checkpoint yet: starting at step 0, the log starts over" in r.stdout
     assert_same_run(uninterrupted, str(log_dir))
+    # a log past the first checkpoint, with none left (moved away, say), is not started over without --overwrite
+    for name in os.listdir(log_dir):
+        os.remove(log_dir / name)
+    shutil.copy(os.path.join(uninterrupted, "log.txt"), log_dir)
+    r = train(RESUME + ["--log_dir", str(log_dir), "--resume", "auto"])
+    assert r.returncode == 1 and r.stderr == (
+        f"error: {log_dir}/log.txt records a run from step 0, but {log_dir}/ holds none of its checkpoints: go on "
+        "with --resume PATH (the checkpoint it started from, or one moved away), or start over with --overwrite\n")
+    assert folder_bytes(log_dir) == {"log.txt": open(os.path.join(uninterrupted, "log.txt"), "rb").read()}
+    ok(train(RESUME + ["--log_dir", str(log_dir), "--resume", "auto", "--overwrite"]))
+    assert_same_run(uninterrupted, str(log_dir))
+    # no checkpoint loads: refused, as starting over would drop the log; --overwrite starts over
+    for path in log_dir.glob("model_*.pt"):
+        path.write_bytes(b"broken")
+    r = train(RESUME + ["--log_dir", str(log_dir), "--resume", "auto"])
+    assert r.returncode == 1 and f"no checkpoint in {log_dir}/ loads: start over with --overwrite" in r.stderr
+    r = ok(train(RESUME + ["--log_dir", str(log_dir), "--resume", "auto", "--overwrite"]))
+    assert "warning: skipping checkpoint" in r.stdout
+    assert_same_run(uninterrupted, str(log_dir))
+
+
+def test_a_run_branched_from_another_folders_checkpoint(tmp_path, uninterrupted):
+    """--resume PATH from another folder starts a branch there; the branch resumes with the same PATH until it has
+    a checkpoint of its own, and a folder holding another run is not mixed with it."""
+    branch = str(tmp_path / "branch")
+    start = ["--resume", os.path.join(uninterrupted, "model_00012.pt"), "--log_dir", branch]
+    ok(train(RESUME + start + ["--max_steps", "16"]))  # stands for a run killed before its first checkpoint, 18
+    os.remove(os.path.join(branch, "model_00016.pt"))
+    r = train(RESUME + ["--log_dir", branch, "--resume", "auto"])  # the log starts at 12: not started over
+    assert r.returncode == 1 and "log.txt records a run from step 12, but" in r.stderr
+    ok(train(RESUME + start))
+    # the branch's log is the uninterrupted run's from step 12's training on (step 12's evaluations are in the other)
+    with open(os.path.join(uninterrupted, "log.txt")) as f:
+        expected = [line for line in f if int(line.split()[0]) > 12 or line.startswith("12 train")]
+    with open(os.path.join(branch, "log.txt")) as f:
+        assert f.readlines() == expected
+    assert sorted(os.listdir(branch)) == ["log.txt", "model_00018.pt", "model_00024.pt"]
+    # a folder that holds another run: refused, untouched; --overwrite replaces that run
+    other = str(tmp_path / "other")
+    ok(train(RESUME + ["--log_dir", other, "--max_steps", "6", "--seed", "7"]))
+    before = folder_bytes(other)
+    r = train(RESUME + start[:2] + ["--log_dir", other])
+    assert r.returncode == 1 and r.stderr == (
+        f"error: {other}/ holds another run: to go on from {start[1]} there, replace it with --overwrite, "
+        "or choose another --log_dir\n")
+    assert folder_bytes(other) == before
+    ok(train(RESUME + start[:2] + ["--log_dir", other, "--overwrite"]))
+    assert sorted(os.listdir(other)) == sorted(os.listdir(branch))
+    assert_same_run(branch, other)
 
 
 def test_resume_from_a_path_and_past_a_corrupt_checkpoint(tmp_path, uninterrupted):
@@ -103,12 +157,12 @@ def test_resume_from_a_path_and_past_a_corrupt_checkpoint(tmp_path, uninterrupte
     # explicit path back to step 12: refused while the later checkpoints are there, as nothing may mix them
     # up with the new run's; --overwrite deletes them, and the later records are redone, not doubled
     back = RESUME + ["--log_dir", log_dir, "--resume", os.path.join(log_dir, "model_00012.pt")]
-    before = {name: open(os.path.join(log_dir, name), "rb").read() for name in os.listdir(log_dir)}
+    before = folder_bytes(log_dir)
     r = train(back)
     assert r.returncode == 1 and r.stderr == (
         f"error: {log_dir}/ holds checkpoints after step 12 (model_00018.pt, model_00024.pt): to go on from "
         f"{log_dir}/model_00012.pt instead, delete them with --overwrite, or choose another --log_dir\n")
-    assert {name: open(os.path.join(log_dir, name), "rb").read() for name in os.listdir(log_dir)} == before
+    assert folder_bytes(log_dir) == before
     ok(train(back + ["--overwrite", "--checkpoint_every", "0"]))  # only the final checkpoint: 18 must be gone
     assert sorted(os.listdir(log_dir)) == ["log.txt", "model_00006.pt", "model_00012.pt", "model_00024.pt"]
     assert_same_run(uninterrupted, log_dir)
