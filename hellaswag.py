@@ -27,7 +27,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from train_gpt2 import (GPT, GPTConfig, HelpFormatter, UserError, autocast, autocast_dtype, gpt2_tokenizer,
-                        load_checkpoint, run_cli, setup_device, usage_error)
+                        load_checkpoint, load_sharded_state, run_cli, setup_device, usage_error)
 
 # where the hub keeps the auto-converted parquet of the dataset (the repo itself is a loading script)
 HUB_FILE = "datasets/Rowan/hellaswag/resolve/refs%2Fconvert%2Fparquet/default/validation/0000.parquet"
@@ -47,7 +47,7 @@ def check_example(ex, where):
         raise UserError(f"{where}: 'ctx' must be a non-empty string")
     if not isinstance(endings, list) or len(endings) != 4 or not all(isinstance(e, str) for e in endings):
         raise UserError(f"{where}: 'endings' must be a list of 4 strings")
-    if isinstance(label, str) and label.strip().isdigit():
+    if isinstance(label, str) and label.strip().isdecimal():  # not isdigit: int() refuses "²"
         label = int(label)
     if isinstance(label, bool) or label not in (0, 1, 2, 3):
         raise UserError(f"{where}: 'label' must be 0, 1, 2 or 3 (got {label!r})")
@@ -73,7 +73,7 @@ def read_examples(path):
                     continue
                 try:
                     ex = json.loads(line)
-                except ValueError:
+                except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
                     raise UserError(f"{path}: line {n} is not valid JSON")
                 examples.append(check_example(ex, f"{path}: line {n}"))
         return examples
@@ -118,7 +118,11 @@ def load_examples(data=None, cache_dir=None, limit=None):
     Under torchrun, local rank 0 of each node downloads while the other ranks wait at a barrier.
     """
     if data is None:
-        data = os.path.join(cache_dir or default_cache_dir(), CACHE_NAME)
+        cache_dir = cache_dir or default_cache_dir()
+        if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
+            raise UserError(f"the HellaSwag cache {cache_dir} is a file, not a folder: "
+                            "set $HELLASWAG_CACHE to a folder")
+        data = os.path.join(cache_dir, CACHE_NAME)
         error = None
         if int(os.environ.get("LOCAL_RANK", 0)) == 0 and not os.path.exists(data):
             try:
@@ -185,13 +189,14 @@ def forward_logits(model, idx, amp):
 
 @torch.no_grad()
 def score_endings(model, examples, device, amp=contextlib.nullcontext(), batch_size=None, progress=False,
-                  sync_ranks=False):
+                  sync_ranks=False, first=0, stride=1):
     """Summed loss and scored-token count of every ending: two (len(examples), 4) float64 CPU tensors.
 
     batch_size examples' worth of rows (4 each) go through one forward, padded to a fixed length and row
     count (the last batch gets empty rows), so a compiled model sees only a few shapes. batch_size=0
     is the lecture's way: one example per forward, its 4 rows padded to the longest of them. sync_ranks:
-    every rank makes as many forwards as the busiest one (an FSDP model gathers its weights in each).
+    every rank makes as many forwards as the busiest one (an FSDP model gathers its weights in each), and
+    stops with the others. Example i is number first + stride * i of the whole set, as errors name it.
     """
     enc = gpt2_tokenizer()
     rows = []  # (example, ending, tokens, mask)
@@ -200,15 +205,22 @@ def score_endings(model, examples, device, amp=contextlib.nullcontext(), batch_s
         rows += [(i, j, t, m) for j, (t, m) in enumerate(zip(tokens, mask))]
     config = getattr(model, "config", None)  # ours has block_size, transformers' n_positions
     limit = getattr(config, "block_size", None) or getattr(config, "n_positions", None) or 1 << 30
-    too_long = [i for i, _, t, _ in rows if len(t) > limit]
+    too_long = [(i, len(t)) for i, _, t, _ in rows if len(t) > limit]
+    if sync_ranks:  # all ranks stop, not only the one holding the example
+        anywhere = torch.tensor(len(too_long), device=device)
+        dist.all_reduce(anywhere)
+        if anywhere and not too_long:
+            raise UserError("a HellaSwag example on another rank is longer than the model's context: see its error")
     if too_long:
-        raise UserError(f"example {too_long[0]} is longer than the model's context of {limit} tokens")
+        (i, n), = too_long[:1]
+        raise UserError(f"HellaSwag example {first + stride * i} (counting from 0) is {n} tokens long with an ending, "
+                        f"more than the model's context of {limit}")
     on_cuda = str(device).startswith("cuda")
     if batch_size is None:
         # a GPU wants big batches (32: 3.9 s per full pass on an H200, 16: 4.6 s); on a CPU they only
         # add memory traffic, as the logits of a batch take rows x length x 50,304 floats
         batch_size = 32 if on_cuda else 4
-    batch_rows = 4 * batch_size
+    batch_rows = 4 * min(batch_size, max(len(examples), 1))  # no more rows than there are examples
     sums = torch.zeros(len(examples) * 4, device=device)  # float32: MPS has no float64
     counts = torch.zeros(len(examples) * 4, dtype=torch.float64)
     batches = make_batches(rows, batch_rows)
@@ -250,7 +262,8 @@ def evaluate(model, examples, device, amp=contextlib.nullcontext(), rank=0, worl
     mine = examples[rank::world_size]
     was_training = model.training
     model.eval()
-    sums, counts = score_endings(model, mine, device, amp, batch_size, progress, sync_ranks=dist.is_initialized())
+    sums, counts = score_endings(model, mine, device, amp, batch_size, progress, sync_ranks=dist.is_initialized(),
+                                 first=rank, stride=world_size)
     model.train(was_training)
     labels = torch.tensor([ex["label"] for ex in mine], dtype=torch.long)
     correct = (sums.argmin(1) == labels).sum()
@@ -272,7 +285,10 @@ def load_model(args):
     ckpt = load_checkpoint(args.checkpoint)  # UserError for missing, truncated or foreign files
     try:
         model = GPT(GPTConfig(**ckpt["config"]))
-        model.load_state_dict(ckpt["model"])
+        if ckpt["sharded"]:  # an FSDP checkpoint, a folder of shards: DCP reads them all into the whole model
+            load_sharded_state(args.checkpoint, model)
+        else:
+            model.load_state_dict(ckpt["model"])
     except (TypeError, RuntimeError) as e:
         raise UserError(f"checkpoint {args.checkpoint} does not fit its own config: {str(e).splitlines()[0]}")
     return model
@@ -317,4 +333,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, lost_rank_hint="run it again")

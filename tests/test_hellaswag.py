@@ -128,6 +128,8 @@ def test_jsonl_and_parquet_read_the_same(tmp_path):
     ('{"ctx": "a", "endings": ["1", "2", "3"], "label": 0}', r"line 2: 'endings' must be a list of 4"),
     ('{"ctx": "a", "endings": ["1", "2", "3", "4"], "label": 4}', r"line 2: 'label' must be 0, 1, 2 or 3"),
     ('{"ctx": "a", "endings": ["1", "2", "3", "4"], "label": "x"}', r"line 2: 'label'"),
+    ('{"ctx": "a", "endings": ["1", "2", "3", "4"], "label": "²"}', r"line 2: 'label' must be 0, 1, 2 or 3"),
+    ("[" * 100_000, r"line 2 is not valid JSON"),  # nested too deep for the json module
     ('{"endings": ["1", "2", "3", "4"], "label": 1}', r"line 2: 'ctx' must be a non-empty string"),
     ('[1, 2]', r"line 2: expected an object"),
 ])
@@ -183,6 +185,12 @@ def test_unreachable_hub_gives_one_clear_error(tmp_path, monkeypatch):
 def test_an_endpoint_without_a_scheme_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "hf-mirror.example")
     with pytest.raises(UserError, match="cannot download HellaSwag from hf-mirror.example/datasets/.*unknown url type"):
+        hellaswag.load_examples(cache_dir=str(tmp_path / "cache"))
+
+
+def test_a_cache_that_is_a_file_is_one_clear_error(tmp_path):
+    (tmp_path / "cache").write_text("")
+    with pytest.raises(UserError, match="the HellaSwag cache .*cache is a file, not a folder"):
         hellaswag.load_examples(cache_dir=str(tmp_path / "cache"))
 
 
@@ -300,8 +308,8 @@ def test_batched_equals_one_example_per_forward():
         torch.testing.assert_close(sums, single_sum, rtol=1e-5, atol=1e-5)
         assert torch.equal(sums.argmin(1), single_sum.argmin(1))
         assert torch.equal((sums / counts).argmin(1), (single_sum / single_count).argmin(1))
-        # fixed shapes: always 4 * batch_size rows, lengths a multiple of 32, several lengths here
-        assert {rows for rows, _ in recorder.shapes} == {4 * batch_size}
+        # fixed shapes: always 4 * batch_size rows (but no more than the examples' 52), lengths a multiple of 32
+        assert {rows for rows, _ in recorder.shapes} == {4 * min(batch_size, len(EXAMPLES))}
         assert all(length % 32 == 0 for _, length in recorder.shapes)
         assert len({length for _, length in recorder.shapes}) >= 3
 
@@ -420,6 +428,20 @@ def test_cli_scores_checkpoint_and_hf_folder(tmp_path, hf_dir, capsys):
     acc, acc_norm = ((ref.argmin(1) == labels).double().mean().item() for ref in (ref_sum, ref_mean))
     hellaswag.main(["-m", hf_dir, "--data", data, "--device", "cpu"])
     assert capsys.readouterr().out.splitlines()[-1] == f"hellaswag: n=13 acc={acc:.4f} acc_norm={acc_norm:.4f}"
+
+
+def test_an_example_too_long_for_the_model_stops_every_rank(tmp_path, hf_dir):
+    """Under torchrun the example sits on rank 1: both ranks end with one line, rank 1's naming the example."""
+    examples = EXAMPLES[:1] + [dict(EXAMPLES[1], ctx="word " * 200)] + EXAMPLES[2:4]
+    data = write_jsonl(tmp_path / "val.jsonl", examples)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "hellaswag.py", "-m", hf_dir, "--data", data, "--device", "cpu"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    errors = sorted(line for line in proc.stderr.splitlines() if line.startswith("error:"))
+    assert len(errors) == 2 and re.fullmatch(r"error: HellaSwag example 1 \(counting from 0\) is 2\d\d tokens long "
+                                             r"with an ending, more than the model's context of 128", errors[0])
+    assert errors[1] == "error: a HellaSwag example on another rank is longer than the model's context: see its error"
 
 
 def test_trainer_logs_hella_from_this_code(tmp_path):

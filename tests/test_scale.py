@@ -1,4 +1,5 @@
 """Scale-out: GPT-3 presets, the memory planner, FSDP2 equal to one process, sharded checkpoints that resume."""
+import argparse
 import json
 import os
 import shutil
@@ -110,6 +111,23 @@ def test_fsdp_on_two_ranks_equals_one_process(fsdp_run):
     meta = torch.load(str(ckpt / "meta.pt"), weights_only=True)
     assert meta["step"] == 6 and meta["loader"] == torch.load(str(fsdp_run / "one" / "model_00006.pt"),
                                                               weights_only=True)["loader"]
+
+
+def test_hellaswag_scores_an_fsdp_checkpoint(fsdp_run, tmp_path):
+    """hellaswag.py -c reads the sharded folder whole: the weights of the 1-process run's .pt, to float rounding
+    (6 AdamW steps at LR 1e-2 from losses equal to 1e-5; a wrong load would be off by the weights' size, 0.02+)."""
+    import hellaswag
+    sharded, plain = (hellaswag.load_model(argparse.Namespace(model=None, checkpoint=str(fsdp_run / run)))
+                      for run in ("two/model_00006.dcp", "one/model_00006.pt"))
+    a, b = sharded.state_dict(), plain.state_dict()
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    assert sharded.lm_head.weight is sharded.transformer.wte.weight  # still tied
+    data = tmp_path / "hs.jsonl"
+    data.write_text("".join(json.dumps({"ctx": f"The cat sat on mat {i}", "endings": ["a", "b c", "d e f", "g"],
+                                        "label": i % 4}) + "\n" for i in range(6)))
+    lines = [ok(run_script([sys.executable, "hellaswag.py", "-c", str(fsdp_run / run), "--data", str(data)]))
+             .stdout.splitlines()[-1] for run in ("two/model_00006.dcp", "one/model_00006.pt")]
+    assert lines[0] == lines[1] and lines[0].startswith("hellaswag: n=6 acc=")
 
 
 def test_fsdp_with_the_chunked_loss_equals_one_process_with_the_plain_loss(fsdp_run, tmp_path):
