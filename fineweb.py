@@ -21,6 +21,7 @@ where they end: the same bytes as an uninterrupted run.
 import argparse
 import ctypes
 import glob
+import gzip
 import io
 import json
 import multiprocessing as mp
@@ -91,7 +92,8 @@ def parse_args(argv):
     p.add_argument("--workers", type=count, default=cores,
                    help=f"tokenizer processes (default: the {cores} usable cores)")
     p.add_argument("--local_files", nargs="+", metavar="FILE",
-                   help="read local parquet/json/jsonl files or globs with a 'text' column instead of the hub")
+                   help="read local parquet/json/jsonl files or globs with a 'text' column instead of the hub "
+                   "(parquet is read a few row groups at a time by each worker; a json file is read whole by one)")
     p.add_argument("--max_tokens", type=count, help="stop after this many tokens (a quick subset)")
     p.add_argument("--verify", action="store_true", help="check the shards in --out_dir against the manifest")
     p.add_argument("--start_method", choices=["fork", "spawn", "forkserver"],
@@ -138,24 +140,27 @@ def describe_source(args):
         formats.add(kind)
     if len(formats) > 1:
         fail("--local_files mixes parquet and json files; convert them to one format")
-    if formats == {"parquet"}:  # datasets cannot read a parquet file of no rows: it adds no documents anyway
-        empty = [f for f in files if parquet_rows(f) == 0]
-        for f in empty:
-            print(f"note: {f} holds no rows; skipped", file=sys.stderr)
-        files = [f for f in files if f not in empty]
-        if not files:
-            fail("the source holds no documents")
-    return {"format": formats.pop(), "files": [os.path.abspath(f) for f in files],
-            "sizes": [os.path.getsize(f) for f in files]}
+    kind = formats.pop()
+    empty = [f for f in files if holds_no_rows(f, kind)]
+    for f in empty:
+        print(f"note: {f} holds no rows; skipped", file=sys.stderr)
+    files = [f for f in files if f not in empty]
+    if not files:
+        fail("the source holds no documents")
+    return {"format": kind, "files": [os.path.abspath(f) for f in files], "sizes": [os.path.getsize(f) for f in files]}
 
 
-def parquet_rows(path):
-    """Rows of a parquet file, from its footer; None if that is unreadable (reading it fails later, clearly)."""
-    import pyarrow.parquet as pq
+def holds_no_rows(path, kind):
+    """Whether a local file is empty: datasets cannot read one (and it adds no documents anyway). An unreadable
+    file counts as not empty: reading it fails later, with its own error."""
     try:
-        return pq.ParquetFile(path).metadata.num_rows
+        if kind == "parquet":
+            import pyarrow.parquet as pq
+            return pq.ParquetFile(path).metadata.num_rows == 0  # from the footer
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            return not f.read(1 << 16).strip()  # nothing but whitespace
     except Exception:
-        return None
+        return False
 
 
 def open_source(source):
@@ -163,12 +168,13 @@ def open_source(source):
     import datasets
     from huggingface_hub.utils import logging as hub_logging
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()  # its log lines would come on top of the one-line errors below
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its error lines would double the one-line errors below
     hub_logging.set_verbosity_error()  # (the hub's: a line per retry of a failed request)
     where = " ".join(source["files"][:1]) if "files" in source else f"{source['dataset']} ({source['config']})"
     try:
         if "files" in source:
-            ds = datasets.load_dataset(source["format"], data_files=source["files"], split="train", streaming=True)
+            files = [glob.escape(f) for f in source["files"]]  # datasets expands patterns: these are file names
+            ds = datasets.load_dataset(source["format"], data_files=files, split="train", streaming=True)
         else:  # the network call: streaming, so only metadata is fetched here
             ds = datasets.load_dataset(source["dataset"], name=source["config"], split="train", streaming=True)
     except Exception as e:
@@ -178,7 +184,8 @@ def open_source(source):
         fail(f"{where} has no 'text' column (columns: {', '.join(features)})")
     text = features.get("text", datasets.Value("string"))
     dtype = getattr(text, "dtype", f"{type(text).__name__} values")  # Json: of mixed types, which datasets quotes
-    if not isinstance(text, datasets.Value) or dtype not in ("string", "large_string"):
+    # null: a column of missing texts only, empty documents like any missing text
+    if not isinstance(text, datasets.Value) or dtype not in ("string", "large_string", "null"):
         fail(f"{where}: column 'text' holds {dtype}, not strings")
     return ds.select_columns(["text"])
 
@@ -207,6 +214,11 @@ def file_part(f):
         part = ds.shard(num_shards=ds.num_shards, index=f)
         _worker["file"] = (f, part.reshard() if hasattr(part, "reshard") else part)
     return _worker["file"][1]
+
+
+def file_label(source, f):
+    """File f of the source, as error messages name it."""
+    return source["files"][f] if "files" in source else f"file {f} of {source['dataset']} ({source['config']})"
 
 
 def count_groups(f):
@@ -356,10 +368,11 @@ def prepare(out_dir, prefix, source, args):
             args.max_tokens == manifest.get("max_tokens") or
             (manifest.get("stopped") == "end of data" and (args.max_tokens or total) >= total))
         if not done:
+            if args.max_tokens and total > args.max_tokens:  # shards are never cut shorter
+                fail(f"{out_dir} already holds {total:,} tokens, more than --max_tokens {args.max_tokens}; "
+                     "use a fresh --out_dir")
             if kept and kept[-1]["tokens"] < args.shard_size:
                 kept.pop()  # the remainder shard of a shorter run: it grows now
-            if args.max_tokens and sum(e["tokens"] for e in kept) > args.max_tokens:
-                fail(f"{out_dir} already holds more than --max_tokens {args.max_tokens} tokens; use a fresh --out_dir")
             manifest.update(shards=kept, complete=False, stopped=None)
     listed = {e["file"] for e in manifest["shards"]}
     for name, index in ours.items():
@@ -489,10 +502,13 @@ def tokenize(args, ds, manifest):
     # (big results), which can hang the shutdown; this executor lets running tasks finish instead
     pool = ProcessPoolExecutor(args.workers, mp.get_context(args.start_method), init_worker, (ds,))
     try:
-        try:  # reads each parquet footer, in parallel (and starts the workers, before any thread)
-            groups = list(pool.map(count_groups, range(ds.num_shards)))
-        except Exception as e:
-            fail(f"reading the source's file list failed: {one_line(e)}")
+        # reads each parquet footer, in parallel (and starts the workers, before any thread)
+        groups = [pool.submit(count_groups, f) for f in range(ds.num_shards)]
+        for f, future in enumerate(groups):
+            try:
+                groups[f] = future.result()
+            except Exception as e:
+                fail(f"cannot read {file_label(manifest['source'], f)}: {one_line(e)}")
         if manifest.setdefault("row_groups", groups) != groups:
             fail("the source's files or row groups changed since the kept shards were written; use a fresh --out_dir")
         per_task = manifest.setdefault("groups_per_task", GROUPS_PER_TASK)  # the plan a resume continues
@@ -506,7 +522,9 @@ def tokenize(args, ds, manifest):
                 try:
                     tokens, ends = job.result()
                 except Exception as e:
-                    fail(f"reading or tokenizing part {tasks[t][2]} of file {tasks[t][0]} failed: {one_line(e)}")
+                    f, runs, i = tasks[t]
+                    part = f" (part {i + 1} of {runs})" if runs > 1 else ""
+                    fail(f"cannot read or tokenize {file_label(manifest['source'], f)}{part}: {one_line(e)}")
                 first_doc, doc, lo = doc, doc + len(ends), 0
                 if tail is not None:  # the resumed task: skip what the kept shards hold
                     j = end_doc - first_doc
@@ -568,7 +586,9 @@ def verify(out_dir):
             problems.append(f"{entry['file']}: {problem}")
         end = entry["end"]
     names = {e["file"] for e in shards}
-    problems += [f"{n}: not in the manifest" for n in sorted(our_files(out_dir, prefix)) if n not in names]
+    # a .tmp is the shard a killed run was writing: the rerun deletes it and starts that shard again
+    problems += [f"{n}: not in the manifest" for n in sorted(our_files(out_dir, prefix))
+                 if n not in names and not n.endswith(".tmp")]
     for p in problems:
         print(f"error: {p}", file=sys.stderr)
     if problems:
@@ -611,6 +631,9 @@ def main(argv=None):
         print(f"this run: {tokens:,} tokens from {docs:,} documents in {seconds:.1f}s "
               f"({tokens / max(seconds, 1e-9) / 1e6:.2f}M tokens/s, {args.workers} workers)")
     shards = manifest["shards"]
+    if len(shards) == 1:
+        print(f"note: all {shards[0]['tokens']:,} tokens went into the val shard; train_gpt2.py needs train shards "
+              "too: use a smaller --shard_size", file=sys.stderr)
     print(f"{'done' if not done else 'already complete'}: {len(shards)} shards (1 val, {len(shards) - 1} train), "
           f"{sum(e['tokens'] for e in shards):,} tokens, {shards[-1]['end'][0] + 1:,} documents in {args.out_dir}")
     return 0

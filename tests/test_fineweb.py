@@ -151,6 +151,31 @@ def test_jsonl_files(corpus, tmp_path):
     assert os.path.basename(shard_files(tmp_path / "out")[1]) == "fineweb_train_000001.npy"  # plain FineWeb's prefix
 
 
+def test_names_taken_literally_empty_files_and_missing_texts(corpus, tmp_path, capsys):
+    """A file named with glob characters is that file alone; an empty jsonl is skipped like an empty parquet; a
+    text column that is null throughout is empty documents, as a missing text is anywhere."""
+    docs = corpus["docs"][:40]
+    for name, rows in [("part*.jsonl", docs), ("part_2.jsonl", docs[:5]), ("nulls.jsonl", [None] * 3)]:
+        (tmp_path / name).write_text("".join(json.dumps({"text": t}) + "\n" for t in rows), encoding="utf-8")
+    (tmp_path / "empty.jsonl").write_text("")
+    assert fineweb.main(["--local_files", str(tmp_path / "part*.jsonl"), str(tmp_path / "empty.jsonl"),
+                         str(tmp_path / "nulls.jsonl"), "--out_dir", str(tmp_path / "out"), "--shard_size", "500"]) == 0
+    assert "empty.jsonl holds no rows; skipped" in capsys.readouterr().err
+    np.testing.assert_array_equal(all_tokens(tmp_path / "out"), reference_tokens(docs + [None] * 3))
+    assert json.load(open(tmp_path / "out" / "manifest.json"))["source"]["files"] == [
+        str(tmp_path / "part*.jsonl"), str(tmp_path / "nulls.jsonl")]
+    # all of it in the val shard: said, as train_gpt2.py needs train shards
+    assert fineweb.main(["--local_files", str(tmp_path / "part_2.jsonl"), "--out_dir", str(tmp_path / "small")]) == 0
+    assert f"note: all {len(reference_tokens(docs[:5]))} tokens went into the val shard" in capsys.readouterr().err
+
+
+def test_an_unreadable_file_is_named(corpus, tmp_path):
+    parts = sorted(glob.glob(corpus["files"][0]))
+    (tmp_path / "cut.parquet").write_bytes(open(parts[1], "rb").read()[:300])
+    with pytest.raises(SystemExit, match=f"error: cannot read {tmp_path}/cut.parquet: "):
+        fineweb.main(["--local_files", parts[0], str(tmp_path / "cut.parquet"), "--out_dir", str(tmp_path / "out")])
+
+
 def test_an_empty_file_and_a_first_run_that_failed(corpus, reference_run, tmp_path, capsys):
     # a parquet file of no rows adds no documents (datasets cannot read one): skipped, with a note
     write_parquet(tmp_path / "empty.parquet", [])
@@ -164,7 +189,7 @@ def test_an_empty_file_and_a_first_run_that_failed(corpus, reference_run, tmp_pa
     source = tmp_path / "doc.jsonl"
     source.write_bytes(b'{"text": "caf\xe9"}\n')
     args = ["--local_files", str(source), "--out_dir", str(tmp_path / "fixed")]
-    with pytest.raises(SystemExit, match="reading or tokenizing part 0 of file 0 failed: UnicodeDecodeError"):
+    with pytest.raises(SystemExit, match=f"cannot read or tokenize {source}: UnicodeDecodeError"):
         fineweb.main(args)
     source.write_text('{"text": "café au lait"}\n', encoding="utf-8")
     assert fineweb.main(args) == 0
@@ -181,11 +206,13 @@ def test_max_tokens_then_extend(corpus, reference_run, tmp_path, capsys):
     assert run(corpus, tmp_path, "--max_tokens", "25000") == 0
     assert "already complete" in capsys.readouterr().out
     assert {f: os.stat(f).st_mtime_ns for f in shard_files(tmp_path)} == stamps
-    # asking for fewer tokens than the folder holds is refused, and touches nothing
-    with pytest.raises(SystemExit) as e:
-        run(corpus, tmp_path, "--max_tokens", "15000")
-    assert "more than --max_tokens" in str(e.value.code)
-    assert {f: os.stat(f).st_mtime_ns for f in shard_files(tmp_path)} == stamps
+    # asking for fewer tokens than the folder holds is refused, and touches nothing (also where the remainder
+    # shard alone would shrink)
+    for fewer in ("15000", "24000"):
+        with pytest.raises(SystemExit) as e:
+            run(corpus, tmp_path, "--max_tokens", fewer)
+        assert f"already holds 25,000 tokens, more than --max_tokens {fewer}" in str(e.value.code)
+        assert {f: os.stat(f).st_mtime_ns for f in shard_files(tmp_path)} == stamps
     # no limit: the remainder shard grows into the full run
     assert run(corpus, tmp_path) == 0
     assert folder_bytes(tmp_path) == folder_bytes(reference_run)
@@ -342,6 +369,8 @@ def test_kill_and_resume(corpus, reference_run, tmp_path, mode, n):
         tmps = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, "*.tmp")))
         assert tmps and tmps == [fineweb.shard_name("edufineweb", len(finished) + i) + ".tmp" for i in range(len(tmps))]
         assert len(kept) == len(finished)
+        r = run_script(["--verify", "--out_dir", str(out)])  # what a killed run leaves is incomplete, not broken
+        assert r.returncode == 0 and "incomplete (rerun the same command to resume)" in r.stdout, r.stderr
     else:
         assert kept[-1]["resume"]["task"] > 0
     if mode == "before_manifest":
