@@ -771,7 +771,7 @@ def resume_or_start(args, model, optimizer, scaler, train_loader, T, device_type
             say(f"warning: {args.log_dir}/ holds no checkpoint yet: starting at step 0, the log starts over")
         for path in earlier if master else []:  # --overwrite: they would be mistaken for this run's checkpoints
             remove_checkpoint(path)
-        start_step, evals_done, foreign = 0, True, True
+        start_step, evals_done, keep_log_to = 0, True, -1
     else:
         missing = ({"loader", "rng"} | ({"optimizer"} if not ckpt["sharded"] else set())) - set(ckpt)
         if missing:
@@ -802,7 +802,7 @@ def resume_or_start(args, model, optimizer, scaler, train_loader, T, device_type
         # at this step, its checkpoints come after it) or nothing
         found = list_checkpoints(args.log_dir)
         outside = os.path.realpath(os.path.dirname(ckpt_path) or ".") != os.path.realpath(args.log_dir)
-        foreign = outside and ((span and span[0] != start_step) or any(s <= start_step for s, _ in found))
+        foreign = outside and bool((span and span[0] != start_step) or any(s <= start_step for s, _ in found))
         if foreign and not args.overwrite:
             raise UserError(f"{args.log_dir}/ holds another run: to go on from {ckpt_path} there, replace it with "
                             "--overwrite, or choose another --log_dir")
@@ -815,8 +815,9 @@ def resume_or_start(args, model, optimizer, scaler, train_loader, T, device_type
             remove_checkpoint(path)
         say(f"resuming from {ckpt_path} at step {start_step}" +
             (": the run is complete, nothing left to train" if start_step == args.max_steps else ""))
+        keep_log_to = -1 if foreign else start_step
     if master:
-        trim_log(log_path, -1 if foreign else start_step, evals_done)
+        trim_log(log_path, keep_log_to, evals_done)
         for tmp in glob.glob(os.path.join(glob.escape(args.log_dir), "model_*.tmp*")):
             remove_checkpoint(tmp)  # half a checkpoint, left by a run killed while writing it
     return start_step, evals_done, ckpt is not None
