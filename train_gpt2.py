@@ -611,6 +611,18 @@ def load_checkpoint(path):
         raise UserError(f"{path} is not a checkpoint of train_gpt2.py (needs {', '.join(sorted(needs))})")
     if sharded and not os.path.isfile(os.path.join(path, ".metadata")):
         raise UserError(f"checkpoint {path} is incomplete (no .metadata)")
+    if sharded:  # every shard file must hold the bytes .metadata points into, so --resume auto passes over a cut one
+        from torch.distributed.checkpoint import FileSystemReader
+        try:
+            ends = {}
+            for info in FileSystemReader(path).read_metadata().storage_data.values():
+                ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+        except Exception as e:
+            raise UserError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__} in .metadata)")
+        files = {name: os.path.join(path, name) for name in sorted(ends)}
+        short = [n for n, f in files.items() if not os.path.isfile(f) or os.path.getsize(f) < ends[n]]
+        if short:
+            raise UserError(f"checkpoint {path} is incomplete ({short[0]} is missing or cut short)")
     ckpt["sharded"] = sharded
     if not sharded:  # compiled and DDP-wrapped models prefix their parameter names
         ckpt["model"] = {re.sub(r"^((_orig_mod|module)\.)+", "", k): v for k, v in ckpt["model"].items()}
@@ -731,19 +743,39 @@ def trim_log(log_path, resume_step, evals_done=True):
     """
     if not os.path.exists(log_path):
         return
-    with open(log_path) as f:
-        lines = f.read().split("\n")
     kept = []
-    for line in lines[:-1]:  # the piece after the last newline is empty or a half-written line
-        fields = line.split()
-        if len(fields) == 3 and fields[0].isdigit():
-            step = int(fields[0])
-            if step > resume_step or (step == resume_step and (fields[1] == "train" or not evals_done)):
+    for line in read_log(log_path):
+        record = log_record(line)
+        if record:
+            step, kind = record
+            if step > resume_step or (step == resume_step and (kind == "train" or not evals_done)):
                 continue
         kept.append(line + "\n")
-    with open(log_path + ".tmp", "w") as f:
+    with open(log_path + ".tmp", "w", errors="surrogateescape") as f:
         f.writelines(kept)
     os.replace(log_path + ".tmp", log_path)
+
+
+def read_log(log_path):
+    """The whole lines of a log.txt, [] if there is none; bytes that are not UTF-8 are kept as they are."""
+    if not os.path.exists(log_path):
+        return []
+    with open(log_path, errors="surrogateescape") as f:
+        return f.read().split("\n")[:-1]  # the piece after the last newline is empty or a half-written line
+
+
+def log_record(line):
+    """(step, kind) of a record line such as '250 val 3.2925'; None for any other line."""
+    fields = line.split()
+    return (int(fields[0]), fields[1]) if len(fields) == 3 and fields[0].isdecimal() else None
+
+
+def log_span(log_path):
+    """(first step, last step, last trained step or -1) of the records in a log.txt; None if it holds none."""
+    records = [r for r in map(log_record, read_log(log_path)) if r]
+    if not records:
+        return None
+    return records[0][0], max(s for s, _ in records), max((s for s, kind in records if kind == "train"), default=-1)
 
 
 def resume_or_start(args, model, optimizer, scaler, train_loader, T, device_type, master, say):
@@ -763,7 +795,7 @@ def resume_or_start(args, model, optimizer, scaler, train_loader, T, device_type
             if args.resume == "none":
                 raise UserError(f"{args.log_dir}/ already holds a run: continue it with --resume auto, "
                                 "start over with --overwrite, or choose another --log_dir")
-            first, trained = span  # --resume auto, and no checkpoint at all
+            first, _, trained = span  # --resume auto, and no checkpoint at all
             if first > 0 or trained >= (args.checkpoint_every or args.max_steps):
                 raise UserError(f"{log_path} records a run from step {first}, but {args.log_dir}/ holds none of its "
                                 "checkpoints: go on with --resume PATH (the checkpoint it started from, or one "
@@ -788,6 +820,21 @@ def resume_or_start(args, model, optimizer, scaler, train_loader, T, device_type
         start_step, evals_done = ckpt["step"], ckpt.get("evals_done", True)
         if start_step > args.max_steps:
             raise UserError(f"checkpoint {ckpt_path} is at step {start_step}, past --max_steps {args.max_steps}")
+        # a checkpoint from another folder: of this folder's run, moved away (the log reaches its step), or the start
+        # of a branch (the log starts at its step); else this folder holds another run (it has checkpoints up to
+        # that step of its own, or a log that does not reach it)
+        found = list_checkpoints(args.log_dir)
+        outside = os.path.realpath(os.path.dirname(os.path.normpath(ckpt_path))) != os.path.realpath(args.log_dir)
+        first, last, _ = span or (start_step, start_step, None)
+        foreign = outside and (not first <= start_step <= last or any(s <= start_step for s, _ in found))
+        if foreign and not args.overwrite:
+            raise UserError(f"{args.log_dir}/ holds another run: to go on from {ckpt_path} there, replace it with "
+                            "--overwrite, or choose another --log_dir")
+        later = [path for s, path in found if foreign or s > start_step] if args.resume != "auto" else []
+        if later and not args.overwrite:  # a later --resume auto would take them for this run's
+            raise UserError(f"{args.log_dir}/ holds checkpoints after step {start_step} "
+                            f"({', '.join(os.path.basename(p) for p in later)}): to go on from {ckpt_path} "
+                            "instead, delete them with --overwrite, or choose another --log_dir")
         if args.fsdp:
             load_sharded_state(ckpt_path, model, optimizer)
         else:
@@ -798,19 +845,6 @@ def resume_or_start(args, model, optimizer, scaler, train_loader, T, device_type
         torch.set_rng_state(ckpt["rng"]["cpu"])
         if device_type == "cuda" and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-        # a checkpoint from another folder starts a branch here: what is here must be that branch (its log starts
-        # at this step, its checkpoints come after it) or nothing
-        found = list_checkpoints(args.log_dir)
-        outside = os.path.realpath(os.path.dirname(ckpt_path) or ".") != os.path.realpath(args.log_dir)
-        foreign = outside and bool((span and span[0] != start_step) or any(s <= start_step for s, _ in found))
-        if foreign and not args.overwrite:
-            raise UserError(f"{args.log_dir}/ holds another run: to go on from {ckpt_path} there, replace it with "
-                            "--overwrite, or choose another --log_dir")
-        later = [path for s, path in found if foreign or s > start_step] if args.resume != "auto" else []
-        if later and not args.overwrite:  # a later --resume auto would take them for this run's
-            raise UserError(f"{args.log_dir}/ holds checkpoints after step {start_step} "
-                            f"({', '.join(os.path.basename(p) for p in later)}): to go on from {ckpt_path} "
-                            "instead, delete them with --overwrite, or choose another --log_dir")
         for path in later if master else []:
             remove_checkpoint(path)
         say(f"resuming from {ckpt_path} at step {start_step}" +
@@ -821,17 +855,6 @@ def resume_or_start(args, model, optimizer, scaler, train_loader, T, device_type
         for tmp in glob.glob(os.path.join(glob.escape(args.log_dir), "model_*.tmp*")):
             remove_checkpoint(tmp)  # half a checkpoint, left by a run killed while writing it
     return start_step, evals_done, ckpt is not None
-
-
-def log_span(log_path):
-    """(first step, last trained step or -1) of the records in a log.txt; None if it holds none."""
-    if not os.path.exists(log_path):
-        return None
-    with open(log_path) as f:
-        records = [(int(r[0]), r[1]) for r in map(str.split, f) if len(r) == 3 and r[0].isdigit()]
-    if not records:
-        return None
-    return records[0][0], max((step for step, kind in records if kind == "train"), default=-1)
 
 
 # bf16 dense tensor-core peak of common cards, for MFU

@@ -192,8 +192,13 @@ def test_fsdp_checkpoint_resumes(fsdp_run, tmp_path, world):
     log_dir.mkdir()
     shutil.copy(fsdp_run / "two" / "log.txt", log_dir / "log.txt")
     shutil.copytree(fsdp_run / "two" / "model_00003.dcp", log_dir / "model_00003.dcp")
+    if world == 1:  # the newer checkpoint has a shard cut short (written in part): --resume auto passes over it
+        shutil.copytree(fsdp_run / "two" / "model_00006.dcp", log_dir / "model_00006.dcp")
+        os.truncate(log_dir / "model_00006.dcp" / "__1_0.distcp", 100)
     r = torchrun(world, FSDP + ["--batch_size", str(8 // world), "--fsdp", "--log_dir", str(log_dir), "--resume", "auto"])
     assert "resuming from" in r.stdout and "model_00003.dcp" in r.stdout
+    if world == 1:
+        assert "warning: skipping checkpoint" in r.stdout and "__1_0.distcp is missing or cut short" in r.stdout
     full, resumed = records(str(fsdp_run / "two")), records(str(log_dir))
     if world == 2:
         assert open(log_dir / "log.txt").read() == open(fsdp_run / "two" / "log.txt").read()
@@ -226,6 +231,13 @@ def test_fsdp_refusals(tmp_path, fsdp_run):
     r = train(FSDP + ["--batch_size", "8", "--log_dir", str(tmp_path / "b"), "--resume",
                       str(fsdp_run / "two" / "model_00003.dcp")])
     assert r.returncode == 1 and "with --fsdp" in r.stderr
+    # a checkpoint folder written with a trailing / is the same folder: the later checkpoints are found
+    copy = tmp_path / "copy"
+    shutil.copytree(fsdp_run / "two", copy)
+    r = run_script([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train_gpt2.py",
+                    *FSDP, "--batch_size", "8", "--fsdp", "--log_dir", str(copy), "--resume", f"{copy}/model_00003.dcp/"])
+    assert r.returncode != 0 and f"error: {copy}/ holds checkpoints after step 3 (model_00006.dcp)" in r.stderr
+    assert sorted(os.listdir(copy)) == sorted(os.listdir(fsdp_run / "two"))
     broken = tmp_path / "model_00003.dcp"
     shutil.copytree(fsdp_run / "two" / "model_00003.dcp", broken)
     os.remove(broken / ".metadata")

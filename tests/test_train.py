@@ -109,7 +109,9 @@ def test_resume_auto_before_the_first_checkpoint_starts_over_and_says_so(tmp_pat
         f"error: {log_dir}/log.txt records a run from step 0, but {log_dir}/ holds none of its checkpoints: go on "
         "with --resume PATH (the checkpoint it started from, or one moved away), or start over with --overwrite\n")
     assert folder_bytes(log_dir) == {"log.txt": open(os.path.join(uninterrupted, "log.txt"), "rb").read()}
-    ok(train(RESUME + ["--log_dir", str(log_dir), "--resume", "auto", "--overwrite"]))
+    # as it says: a checkpoint of the run, moved away (here: the same run's, in another folder), keeps the log to it
+    r = ok(train(RESUME + ["--log_dir", str(log_dir), "--resume", os.path.join(uninterrupted, "model_00012.pt")]))
+    assert "resuming from" in r.stdout
     assert_same_run(uninterrupted, str(log_dir))
     # no checkpoint loads: refused, as starting over would drop the log; --overwrite starts over
     for path in log_dir.glob("model_*.pt"):
@@ -119,6 +121,17 @@ def test_resume_auto_before_the_first_checkpoint_starts_over_and_says_so(tmp_pat
     r = ok(train(RESUME + ["--log_dir", str(log_dir), "--resume", "auto", "--overwrite"]))
     assert "warning: skipping checkpoint" in r.stdout
     assert_same_run(uninterrupted, str(log_dir))
+
+
+def test_lines_of_a_log_that_are_no_records_are_kept(tmp_path, uninterrupted):
+    log_dir = tmp_path / "log"
+    shutil.copytree(uninterrupted, log_dir)
+    odd = b"\xff\xfe not UTF-8\n\xc2\xb2 train 1.0\na note\n"
+    with open(log_dir / "log.txt", "ab") as f:
+        f.write(odd)
+    r = ok(train(RESUME + ["--log_dir", str(log_dir), "--resume", "auto"]))
+    assert "the run is complete" in r.stdout
+    assert (log_dir / "log.txt").read_bytes() == open(os.path.join(uninterrupted, "log.txt"), "rb").read() + odd
 
 
 def test_a_run_branched_from_another_folders_checkpoint(tmp_path, uninterrupted):
