@@ -5,7 +5,7 @@ Train GPT-2 from scratch, as in the lecture "Let's reproduce GPT-2 (124M)".
     python train_gpt2.py                                    # one GPU
     torchrun --standalone --nproc_per_node=8 train_gpt2.py  # eight GPUs, one node
     python train_gpt2.py --data input.txt --n_layer 4 --n_head 4 --n_embd 128 --batch_size 8 --seq_len 128 \\
-        --total_batch_size 1024 --max_steps 200 --warmup_steps 20 --max_lr 3e-3 --eval_every 50 \\
+        --total_batch_size 1024 --max_steps 200 --warmup_steps 20 --max_lr 3e-3 --eval_every 50 --val_steps 4 \\
         --sample_every 50 --hellaswag_every 0 --log_dir log_shakespeare          # a laptop CPU (README)
 
 The file reads top to bottom: the model (and its opt-in speed options), the data loader, the training loop,
@@ -336,8 +336,10 @@ def gpt2_tokenizer():
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:
-        raise UserError(f"cannot load the GPT-2 tokenizer ({type(e).__name__}); offline, seed tiktoken's "
-                        "cache with tools/offline_tokenizer.py (see README, 'Offline use')")
+        cache = os.environ.get("TIKTOKEN_CACHE_DIR", "unset")
+        raise UserError(f"cannot load the GPT-2 tokenizer ({type(e).__name__}); offline, seed tiktoken's cache with "
+                        f"tools/offline_tokenizer.py, with the same TIKTOKEN_CACHE_DIR (now {cache}) as here "
+                        "(README, 'Offline use')")
 
 
 def load_shard(path):
@@ -715,7 +717,7 @@ def find_resume_checkpoint(log_dir, warn, overwrite=False):
         try:
             return load_checkpoint(path), path
         except UserError as e:
-            warn(f"warning: skipping {e}")
+            warn(f"warning: {e}: skipping it")
     if found and not overwrite:  # starting over would trim the log of a run whose checkpoints are all lost
         raise UserError(f"no checkpoint in {log_dir}/ loads: start over with --overwrite, or pick one with --resume")
     return None, None
@@ -877,10 +879,10 @@ def usage_error(message):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help with each flag's default, except a None: that flag's help says where its value comes from."""
+    """--help with each flag's default, except where the help says it (a None default: where its value comes from)."""
 
     def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+        return action.help if action.default is None or "(default" in action.help else super()._get_help_string(action)
 
 
 def parse_args(argv=None):

@@ -187,12 +187,23 @@ def main():
     args = p.parse_args()
     if min(args.workers) < 1 or args.tokens < 1 or args.repeats < 1 or args.shard_size < 1:
         sys.exit("error: --workers, --tokens, --repeats and --shard_size must be positive")
-    corpus = args.corpus or os.path.join(tempfile.mkdtemp(), "corpus.parquet")
-    if not os.path.exists(corpus):
-        make_corpus(corpus, int(args.tokens))
-    import pyarrow.parquet as pq
-    startup_corpus = corpus + ".startup.parquet"  # its first row group: what every run pays once
-    pq.write_table(pq.ParquetFile(corpus).read_row_group(0), startup_corpus)
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        sys.exit(f"error: --json {args.json}: no such folder")  # now, not after the whole benchmark
+    with tempfile.TemporaryDirectory() as scratch:  # the made corpus goes with it, unless --corpus keeps it
+        corpus = args.corpus or os.path.join(scratch, "corpus.parquet")
+        if not os.path.exists(corpus):
+            make_corpus(corpus, int(args.tokens))
+        import pyarrow.parquet as pq
+        startup_corpus = os.path.join(scratch, "startup.parquet")  # the first row group: what every run pays once
+        try:
+            pq.write_table(pq.ParquetFile(corpus).read_row_group(0), startup_corpus)
+        except Exception as e:
+            sys.exit(f"error: --corpus {corpus} is not a readable parquet file ({type(e).__name__})")
+        run_all(args, corpus, startup_corpus)
+
+
+def run_all(args, corpus, startup_corpus):
+    """Both methods at each worker count, then the table."""
     print(f"machine: {machine()}")
     runs = []
     for workers in args.workers:

@@ -1,5 +1,5 @@
 """
-HellaSwag eval speed: batched (hellaswag.evaluate) vs one example per forward (the lecture's way), same
+HellaSwag eval speed: batched (hellaswag.score_endings) vs one example per forward (the lecture's way), same
 device, model and examples, in one run.
 
     python bench/hellaswag_speed.py --device cpu --model tiny --limit 200        # a laptop
@@ -22,7 +22,7 @@ from torch.nn import functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hellaswag  # noqa: E402
 from train_gpt2 import (GPT, GPT2_SIZES, GPTConfig, UserError, autocast, autocast_dtype, gpt2_tokenizer,  # noqa: E402
-                        run_cli)
+                        run_cli, setup_device)
 
 FULL = 10042  # examples in HellaSwag's validation split
 
@@ -82,9 +82,7 @@ def main():
     if min(args.limit, args.single_limit, args.pad_to, *args.batch_size) <= 0:
         p.error("--limit, --single_limit, --batch_size and --pad_to must be positive")
     hellaswag.PAD_TO = args.pad_to
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = setup_device(args.device)[3]  # one line for a device this machine lacks
     device_type = device.split(":")[0]
 
     # the model and the examples

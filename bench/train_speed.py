@@ -141,7 +141,7 @@ def main():
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--data", help="a shard folder; default: random tokens")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--no_compile", dest="compile", action="store_false")
     args = p.parse_args()
@@ -150,6 +150,18 @@ def main():
             variant(name)
         except ValueError as e:
             p.error(str(e))
+    for name in ("batch_size", "seq_len", "total_batch_size", "steps", "warmup", "n_layer", "n_head", "n_embd"):
+        if getattr(args, name) is not None and getattr(args, name) < (name != "warmup"):
+            p.error(f"--{name} must be " + ("0 or more" if name == "warmup" else "positive"))
+    try:  # what every variant shares, checked once: one line here rather than a failure per variant
+        args.device = tg.setup_device(args.device)[3]
+        config = model_config(args)
+        if config.n_embd % config.n_head:
+            raise tg.UserError(f"--n_embd {config.n_embd} is not divisible by --n_head {config.n_head}")
+        tg.batch_plan(args.total_batch_size, args.batch_size, args.seq_len, 1, config.block_size)
+        tg.autocast_dtype(args.dtype, args.device.split(":")[0])
+    except tg.UserError as e:
+        p.error(str(e))
     if args.baseline and args.variants[0] != "baseline":
         args.variants = ["baseline"] + args.variants
     if args.device.startswith("cuda"):

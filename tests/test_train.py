@@ -119,7 +119,7 @@ def test_resume_auto_before_the_first_checkpoint_starts_over_and_says_so(tmp_pat
     r = train(RESUME + ["--log_dir", str(log_dir), "--resume", "auto"])
     assert r.returncode == 1 and f"no checkpoint in {log_dir}/ loads: start over with --overwrite" in r.stderr
     r = ok(train(RESUME + ["--log_dir", str(log_dir), "--resume", "auto", "--overwrite"]))
-    assert "warning: skipping checkpoint" in r.stdout
+    assert ": skipping it" in r.stdout
     assert_same_run(uninterrupted, str(log_dir))
 
 
@@ -184,7 +184,7 @@ def test_resume_from_a_path_and_past_a_corrupt_checkpoint(tmp_path, uninterrupte
     with open(final, "r+b") as f:
         f.truncate(os.path.getsize(final) // 2)
     r = ok(train(RESUME + ["--log_dir", log_dir, "--resume", "auto"]))
-    assert "warning: skipping checkpoint" in r.stdout and "resuming from" in r.stdout and "model_00012.pt" in r.stdout
+    assert ": skipping it" in r.stdout and "resuming from" in r.stdout and "model_00012.pt" in r.stdout
     assert_same_run(uninterrupted, log_dir)
 
 

