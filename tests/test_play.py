@@ -107,8 +107,9 @@ def test_play_notebook(play_env, monkeypatch):
 
 
 def test_play_run_just_started(play_env):
-    """Part 2 alone (the first cell, then Part 2) on a log with a few train records and no evaluations."""
-    (play_env / "log" / "log.txt").write_text("0 train 10.950000\n1 train 10.310000\n\n2 train 9.9")
+    """Part 2 alone (the first cell, then Part 2) on a log with a few train records and no evaluations, and a
+    line that is not UTF-8 (train_gpt2.py keeps such lines as they are)."""
+    (play_env / "log" / "log.txt").write_bytes(b"0 train 10.950000\n\xff\xfe\n1 train 10.310000\n\n2 train 9.9")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     part2 = next(i for i, c in enumerate(nb.cells) if c.cell_type == "markdown" and c.source.startswith("## Part 2"))
     nb.cells = nb.cells[:2] + nb.cells[part2:]

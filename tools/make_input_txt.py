@@ -42,4 +42,7 @@ def main(archive, out="input.txt"):
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit(__doc__)
-    main(sys.argv[1])
+    try:
+        main(sys.argv[1])
+    except (OSError, tarfile.TarError, KeyError) as e:  # KeyError: a play missing from the archive
+        sys.exit(f"error: cannot make input.txt from {sys.argv[1]}: {e}")
