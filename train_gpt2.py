@@ -1295,9 +1295,13 @@ def out_of_memory(e, hint):
 
 
 def exit_with(line, status=1):
-    """The line and its newline in one write, so the lines of ranks sharing a terminal never interleave."""
+    """The line and its newline in one write, so the lines of ranks sharing a terminal never interleave. A gloo
+    process group is closed first: left to the exit, its threads have aborted a rank ("terminate called")."""
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
+    if dist.is_initialized() and dist.get_backend() == "gloo":
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
     sys.exit(status)
 
 
