@@ -86,7 +86,9 @@ def read_examples(path):
 def download(path):
     """Fetch the hub's parquet to `path` atomically: a temporary file beside it, checked, then renamed."""
     url = f"{os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')}/{HUB_FILE}"
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    folder = os.path.dirname(path) or "."
+    made = not os.path.exists(folder)
+    os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         try:
@@ -106,6 +108,8 @@ def download(path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if made and not os.listdir(folder):  # a failed download leaves nothing behind, not even the cache folder
+            os.rmdir(folder)
 
 
 def default_cache_dir():

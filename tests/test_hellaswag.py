@@ -179,7 +179,7 @@ def test_unreachable_hub_gives_one_clear_error(tmp_path, monkeypatch):
     msg = str(e.value)
     assert "\n" not in msg and "--data" in msg and "--hellaswag_data" in msg
     assert "http://127.0.0.1:9/datasets/Rowan/hellaswag/resolve/refs%2Fconvert%2Fparquet/" in msg
-    assert os.listdir(tmp_path / "cache") == []  # nothing half-written is left behind
+    assert not os.path.exists(tmp_path / "cache")  # nothing half-written is left behind, not even the folder
 
 
 def test_an_endpoint_without_a_scheme_is_one_clear_error(tmp_path, monkeypatch):
@@ -240,6 +240,7 @@ def test_failed_download_leaves_no_cache_file(tmp_path, monkeypatch, failure):
     monkeypatch.setattr(hellaswag.urllib.request, "urlopen", lambda url, timeout=None: served)
     cache = tmp_path / "cache"
     match = "not a usable HellaSwag file" if failure == "truncated" else "connection reset.*--data"
+    cache.mkdir()  # a cache folder that was there before stays
     with pytest.raises(UserError, match=match):
         hellaswag.load_examples(cache_dir=str(cache))
     assert os.listdir(cache) == []
