@@ -14,6 +14,7 @@ then main().
 """
 import argparse
 import contextlib
+import gc
 import glob
 import math
 import os
@@ -1272,6 +1273,9 @@ def run_cli(main, memory_hint="use a smaller --batch_size", lost_rank_hint="resu
     with 130."""
     try:
         main()
+        # what still holds a process group (FSDP's device mesh, in reference cycles) goes now, while the interpreter
+        # is whole: left to the exit, gloo's destructor has aborted a finished rank ("terminate called")
+        gc.collect()
     except (UserError, OSError) as e:
         exit_with(f"error: {e}")
     except KeyboardInterrupt:
