@@ -216,7 +216,7 @@ def score_endings(model, examples, device, amp=contextlib.nullcontext(), batch_s
         if anywhere and not too_long:
             raise UserError("a HellaSwag example on another rank is longer than the model's context: see its error")
     if too_long:
-        (i, n), = too_long[:1]
+        i, n = too_long[0]
         raise UserError(f"HellaSwag example {first + stride * i} (counting from 0) is {n} tokens long with an ending, "
                         f"more than the model's context of {limit}")
     on_cuda = str(device).startswith("cuda")
