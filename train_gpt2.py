@@ -39,6 +39,11 @@ class UserError(Exception):
     """Something the user can fix; printed as one line (no traceback) with exit status 1."""
 
 
+def first_line(e):
+    """An exception's message in one line (its type's name if it has none)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 # -----------------------------------------------------------------------------
 # The model: GPT-2 as OpenAI released it, so its weights load unchanged
 
@@ -141,7 +146,7 @@ class GPT(nn.Module):
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
         self.activation_checkpointing = False  # recompute each block in the backward instead of storing it
-        self.loss_chunk_rows = 0  # > 0: the training loss by chunked_cross_entropy, never the full logits
+        self.loss_chunk_rows = 0  # > 0: the loss (given targets) by chunked_cross_entropy, never the full logits
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -167,7 +172,7 @@ class GPT(nn.Module):
             else:
                 x = block(x)
         x = self.transformer.ln_f(x)
-        if targets is not None and self.loss_chunk_rows:  # training: the loss, never the full logits
+        if targets is not None and self.loss_chunk_rows:  # the loss alone, never the full logits
             return None, chunked_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
                                                self.loss_chunk_rows)
         logits = self.lm_head(x)  # (B, T, vocab_size)
@@ -192,8 +197,7 @@ class GPT(nn.Module):
         try:
             hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
         except Exception as e:  # no network, a broken folder, not a GPT-2 checkpoint, ...
-            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise UserError(f"cannot load '{name_or_dir}' with transformers: {first_line}")
+            raise UserError(f"cannot load '{name_or_dir}' with transformers: {first_line(e)}")
         c = hf.config
         if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh") or c.n_inner not in (None, 4 * c.n_embd):
             raise UserError(f"'{name_or_dir}' is not a GPT-2 architecture "
@@ -254,8 +258,8 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
             lse = torch.logsumexp(logits, dim=1, keepdim=True)
             loss += (lse - logits.gather(1, tc)).sum()
             if want_grads:
-                # d(loss sum)/d(logits), not yet divided by n: a power of two in bf16 loses nothing either way,
-                # and in fp16 the small probabilities would underflow sooner
+                # d(loss sum)/d(logits), not yet divided by n: in fp16, small probabilities divided by n
+                # would underflow
                 g = (logits - lse).exp().scatter_add(1, tc, torch.full_like(lse, -1.0)).to(dtype)
                 grad_x[i:i + rows] = g @ w
                 grad_w += g.t() @ xc
@@ -320,7 +324,7 @@ class FP8Matmul(torch.autograd.Function):
 
 
 class Linear(nn.Linear):
-    """The blocks' nn.Linear; with fp8 set (--fp8), its training matmuls run in FP8. Evaluation stays exact."""
+    """The blocks' nn.Linear; with fp8 set (--fp8), its training matmuls run in FP8 (evaluation: autocast's dtype)."""
     fp8 = False
 
     def forward(self, x):
@@ -359,7 +363,7 @@ def load_splits(data, need_val):
     if os.path.isfile(data) and data.endswith(".npy"):
         raise UserError(f"{data} is one shard: --data takes the folder of *_train_*/*_val_* shards, or a text file")
     if os.path.isfile(data):
-        # the lecture's first loader: tokenize the whole file in memory, 90% train, 10% val
+        # like the lecture's first loader, tokenize the whole file in memory; 90% train, 10% val
         try:
             with open(data, encoding="utf-8") as f:
                 text = f.read()
@@ -503,7 +507,8 @@ def train_step(model, optimizer, loader, grad_accum_steps, lr, amp, scaler, grad
     for micro_step in range(grad_accum_steps):
         x, y = loader.next_batch()
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        # DDP all-reduces the gradients during the backward of the last micro-step only
+        # DDP all-reduces the gradients during the backward of the last micro-step only (FSDP reduce-scatters
+        # every micro-step: its gradients stay sharded, which is the memory it saves)
         last = micro_step == grad_accum_steps - 1
         with model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext():
             with amp:
@@ -512,9 +517,7 @@ def train_step(model, optimizer, loader, grad_accum_steps, lr, amp, scaler, grad
             loss = loss / grad_accum_steps
             loss_accum += loss.detach()
             scaler.scale(loss).backward()
-    if dist.is_initialized():
-        dist.all_reduce(loss_accum)  # SUM then divide: gloo has no AVG
-        loss_accum /= dist.get_world_size()
+    mean_over_ranks(loss_accum)
     scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):  # FSDP: a DTensor, the same on every rank
@@ -523,6 +526,14 @@ def train_step(model, optimizer, loader, grad_accum_steps, lr, amp, scaler, grad
         scaler.step(optimizer)
     scaler.update()
     return loss_accum, norm
+
+
+def mean_over_ranks(t):
+    """t, averaged in place over the ranks of a launch (SUM, then divide: gloo has no AVG)."""
+    if dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
 
 
 def nonfinite(loss, norm, scaler):
@@ -544,11 +555,8 @@ def evaluate_loss(model, loader, steps, amp, device):
         with amp:
             _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
         total += loss.detach() / steps
-    if dist.is_initialized():
-        dist.all_reduce(total)
-        total /= dist.get_world_size()
     model.train()
-    return total.item()
+    return mean_over_ranks(total).item()
 
 
 @torch.no_grad()
@@ -635,20 +643,24 @@ def load_checkpoint(path):
 def shard_model(model, amp_dtype):
     """FSDP2: every block's weights are split over the ranks and gathered only while that block runs.
 
-    Weights are gathered in the autocast dtype and gradients reduced in fp32; the sharded master weights
-    and AdamW state stay fp32, so the numerics are those of DDP with autocast."""
+    The numerics are those of DDP with autocast: the sharded master weights and AdamW state are fp32 and
+    gradients are reduced in fp32; the blocks' matmul weights are gathered in the autocast dtype (autocast
+    would cast them anyway), while the residual stream, the embeddings and the LayerNorms stay fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    policy = MixedPrecisionPolicy(param_dtype=None if amp_dtype == torch.float32 else amp_dtype,
-                                  reduce_dtype=torch.float32)
+    fp32 = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+    low = MixedPrecisionPolicy(param_dtype=None if amp_dtype == torch.float32 else amp_dtype,
+                               reduce_dtype=torch.float32, cast_forward_inputs=False)
     for block in model.transformer.h:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)  # the root: embeddings (tied to lm_head) and ln_f
+        for norm in (block.ln_1, block.ln_2):  # their own (tiny) units, so their weights stay fp32
+            fully_shard(norm, mp_policy=fp32)
+        fully_shard(block, mp_policy=low)
+    fully_shard(model, mp_policy=fp32)  # the root: embeddings (tied to lm_head) and ln_f
 
 
 def save_sharded_checkpoint(path, model, optimizer, meta):
     """FSDP: each rank writes its shards with torch.distributed.checkpoint into path + '.tmp', then rank 0
     adds meta.pt and renames the folder, so a complete folder is the only kind under the final name. A
-    failure on any rank (a full disk) is the same UserError on every rank, and leaves no folder."""
+    failure (a full disk) leaves no folder; write_checkpoint makes it every rank's UserError."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     model_state, optim_state = get_state_dict(model, optimizer)
@@ -656,25 +668,51 @@ def save_sharded_checkpoint(path, model, optimizer, meta):
     if master and os.path.exists(tmp):
         shutil.rmtree(tmp)
     dist.barrier()
-    error = [None]
     try:
-        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
-    except dcp.api.CheckpointException as e:  # raised on every rank, holding each failed rank's exception
-        error[0] = checkpoint_error(e, f"cannot write checkpoint {path}")
-    if master and error[0] is None:
         try:
+            dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
+        except dcp.api.CheckpointException as e:  # raised on every rank, holding each failed rank's exception
+            raise UserError(checkpoint_error(e, f"cannot write checkpoint {path}"))
+        if master:
             save_checkpoint(os.path.join(tmp, "meta.pt"), meta)
             if os.path.exists(path):
                 shutil.rmtree(path)
             os.replace(tmp, path)
-        except (UserError, OSError) as e:
-            error[0] = str(e) if isinstance(e, UserError) else f"cannot write checkpoint {path}: {e.strerror or e}"
-    dist.broadcast_object_list(error, src=0)  # rank 0's outcome is everyone's
-    dist.barrier()  # gloo's sender may return before the receivers are done: nobody leaves before them
-    if error[0] is not None:
+    except (UserError, OSError) as e:
         if master:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(error[0])
+        raise UserError(str(e) if isinstance(e, UserError) else f"cannot write checkpoint {path}: {e.strerror or e}")
+
+
+def write_checkpoint(path, model, optimizer, state, fsdp, keep):
+    """The checkpoint of a step: every rank's shards (FSDP) or rank 0's file, then --keep_checkpoints. Every rank
+    returns, or every rank raises the same UserError: after a failure on rank 0 alone (a full disk), the others
+    must not wait for it in the next collective until --dist_timeout."""
+    master = not dist.is_initialized() or dist.get_rank() == 0
+    error = None
+    try:
+        if fsdp:
+            save_sharded_checkpoint(path, model, optimizer, state)
+        elif master:
+            save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **state})
+        if master and keep:
+            prune_checkpoints(os.path.dirname(path), state["step"], keep)
+    except UserError as e:
+        error = str(e)
+    except OSError as e:  # from prune_checkpoints
+        error = f"cannot remove an old checkpoint (--keep_checkpoints {keep}): {e}"
+    raise_on_all_ranks(error)
+
+
+def raise_on_all_ranks(error):
+    """Rank 0's error line (or None) becomes every rank's UserError (or none's)."""
+    if dist.is_initialized():
+        shared = [error]
+        dist.broadcast_object_list(shared, src=0)
+        dist.barrier()  # gloo's sender may return before the receivers are done: nobody leaves before them
+        error = shared[0]
+    if error is not None:
+        raise UserError(error)
 
 
 def checkpoint_error(e, what):
@@ -756,6 +794,8 @@ def trim_log(log_path, resume_step, evals_done=True):
         kept.append(line + "\n")
     with open(log_path + ".tmp", "w", errors="surrogateescape") as f:
         f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())  # the new log is on disk before it replaces the old one
     os.replace(log_path + ".tmp", log_path)
 
 
@@ -843,7 +883,8 @@ def resume_or_start(args, model, optimizer, scaler, train_loader, T, device_type
         else:
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt.get("scaler", {}))
+        if ckpt.get("scaler"):  # an fp16 run's loss scale; a bf16 or fp32 checkpoint has none, and fp16 starts one
+            scaler.load_state_dict(ckpt["scaler"])
         train_loader.set_state(ckpt["loader"])
         torch.set_rng_state(ckpt["rng"]["cpu"])
         if device_type == "cuda" and "cuda" in ckpt["rng"]:
@@ -860,9 +901,10 @@ def resume_or_start(args, model, optimizer, scaler, train_loader, T, device_type
     return start_step, evals_done, ckpt is not None
 
 
-# bf16 dense tensor-core peak of common cards, for MFU
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
-                   "L4": 121e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
+# dense bf16 tensor-core peak of common cards (V100, T4: fp16), for MFU; the first name contained in the card's wins
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
+                   "L40": 181e12, "A10": 125e12, "L4": 121e12, "4090": 165e12, "3090": 71e12, "V100": 125e12,
+                   "T4": 65e12}
 
 
 def peak_flops(device_type):
@@ -901,7 +943,7 @@ def parse_args(argv=None):
     a("--batch_size", type=int, default=64, help="micro-batch size B per process")
     a("--seq_len", type=int, help="sequence length T (default: the model's context)")
     a("--total_batch_size", type=int, help="tokens per optimizer step (default: the --model's, 2**19 for gpt2)")
-    a("--max_steps", type=int, default=19073, help="optimizer steps (19073 x 2**19 = 10B tokens)")
+    a("--max_steps", type=int, default=19073, help="optimizer steps (19073 x gpt2's 2**19 = 10B tokens)")
     a("--warmup_steps", type=int, default=715, help="linear LR warmup steps")
     a("--max_lr", type=float, help="peak LR (default: the --model's, 6e-4 for gpt2)")
     a("--min_lr", type=float, help="LR at the end of the cosine (default: max_lr / 10)")
@@ -995,23 +1037,24 @@ def memory_plan(config, B, T, world, amp_bytes, activation_checkpointing, loss_c
 
     Weights, grads and AdamW's two moments are fp32: 16 bytes per parameter, all on every GPU with DDP
     (plus its gradient buckets, one more copy of the grads), 1/world of them with FSDP (plus the gathered
-    weights and grads of the block at work and the next, and of the root: embeddings and ln_f). Activations
-    follow Korthikanti et al. 2022 with flash attention: 34 B T d bytes per layer at 2 bytes per value; with
-    activation checkpointing only each block's input stays, and one block is recomputed at a time. The
+    weights and grads of the block at work and the next, in the autocast dtype, and of the root, embeddings
+    and ln_f, in fp32). Activations follow Korthikanti et al. 2022 with flash attention: 34 B T d bytes per
+    layer at 2 bytes per value; with activation checkpointing only each block's input (the fp32 residual
+    stream) stays, and one block is recomputed at a time. The
     chunked loss holds one chunk's logits, and the fp32 grads of the lm_head's input and weight.
     """
     N, d, L = param_count(config), config.n_embd, config.n_layer
     block = block_params(d)
     root = N - L * block
     per_layer = 34 * B * T * d * amp_bytes // 2
-    activations = (L * B * T * d * amp_bytes + per_layer) if activation_checkpointing else L * per_layer
+    activations = (L * B * T * d * 4 + per_layer) if activation_checkpointing else L * per_layer
     rows = min(loss_chunk_rows, B * T) if loss_chunk_rows else B * T
     logits = rows * config.vocab_size * (amp_bytes + 4 + 4)  # the logits, their fp32 copy for the loss, its grad
     if loss_chunk_rows:
         logits += 4 * (B * T + config.vocab_size) * d
     return {"weights (fp32)": (4 * N, 4 * N / world), "gradients (fp32)": (4 * N, 4 * N / world),
             "optimizer (AdamW m, v)": (8 * N, 8 * N / world),
-            "DDP buckets / FSDP gathered": (4 * N, (2 * 2 * block + 2 * root) * amp_bytes) if world > 1 else (0, 0),
+            "DDP buckets / FSDP gathered": (4 * N, 2 * 2 * block * amp_bytes + 2 * root * 4) if world > 1 else (0, 0),
             f"activations (B={B}, T={T})": (activations, activations), "logits and loss": (logits, logits)}
 
 
@@ -1192,10 +1235,11 @@ def main(argv=None):
             with open(log_path, "a") as f:
                 f.write(line + "\n")
 
-    flops_per_step = flops_per_token(config, T) * args.total_batch_size
+    flops_per_gpu_step = flops_per_token(config, T) * args.total_batch_size / world
     peak = peak_flops(device_type)
-    train_time, timed_steps = 0.0, 0
+    eta_from = None  # (time, step) at the end of this launch's first step, which includes compilation
     STOP["armed"], stop = True, False
+    # iteration `step`: evaluate the weights after `step` updates, save them as model_<step>, then make update `step`
     for step in range(start_step, args.max_steps + 1):
         last_step = step == args.max_steps
         due = lambda every: every > 0 and (step % every == 0 or last_step)  # noqa: E731
@@ -1223,12 +1267,7 @@ def main(argv=None):
                 rng["cuda"] = torch.cuda.get_rng_state()
             state = {"scaler": scaler.state_dict(), "step": step, "config": asdict(config), "seq_len": T,
                      "loader": train_loader.state_dict(), "rng": rng, "args": vars(args), "evals_done": not stop}
-            if args.fsdp:  # every rank writes its shards
-                save_sharded_checkpoint(path, model, optimizer, state)
-            elif master:
-                save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **state})
-            if master and args.keep_checkpoints:
-                prune_checkpoints(args.log_dir, step, args.keep_checkpoints)
+            write_checkpoint(path, model, optimizer, state, args.fsdp, args.keep_checkpoints)
         if stop:
             say(f"stopped at step {step} by {STOP['signal'] or 'a signal to another rank'}; checkpoint {path}; "
                 "resume with --resume auto")
@@ -1250,14 +1289,14 @@ def main(argv=None):
                 raise UserError(f"step {step}: loss {loss}, grad norm {norm}: training diverged and stops here; "
                                 "resume with --resume auto and a lower --max_lr, or add --skip_nonfinite")
             say(f"warning: step {step}: loss {loss}, grad norm {norm}: update skipped (--skip_nonfinite)")
-        dt = time.time() - t0
-        if step > start_step:  # the first step includes compilation
-            train_time, timed_steps = train_time + dt, timed_steps + 1
+        now = time.time()
+        dt = now - t0
         tok_per_sec = args.total_batch_size / dt
-        extra = f" | mfu {100 * flops_per_step / dt / peak:.1f}%" if peak else ""
-        if timed_steps:
-            eta = (args.max_steps - step - 1) * train_time / timed_steps
+        extra = f" | mfu {100 * flops_per_gpu_step / dt / peak:.1f}%" if peak else ""
+        if eta_from:  # the wall time per step so far, evaluations and checkpoints included
+            eta = (args.max_steps - step - 1) * (now - eta_from[0]) / (step - eta_from[1])
             extra += f" | eta {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m"
+        eta_from = eta_from or (now, step)
         say(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {dt * 1000:.2f}ms | "
             f"tok/sec {tok_per_sec:,.0f}{extra}")
         log(f"{step} train {loss:.6f}")

@@ -431,6 +431,21 @@ def test_fp16_overflow_is_the_scalers_business():
     assert train_gpt2.nonfinite(1.0, float("inf"), disabled) and not train_gpt2.nonfinite(1.0, 2.0, disabled)
 
 
+def test_resume_with_another_dtype_starts_or_drops_the_loss_scale(tmp_path, monkeypatch):
+    """A bf16/fp32 checkpoint holds no loss scale: resumed in fp16 (a GPU without bf16), the GradScaler starts
+    afresh; an fp16 checkpoint's scale is dropped when resumed in fp32. (fp16 is a CUDA option: here CPU
+    autocast stands in for it.)"""
+    run = FAST + ["--log_dir", str(tmp_path), "--checkpoint_every", "2", "--eval_every", "0", "--compile", "off"]
+    train_gpt2.main(run + ["--max_steps", "2"])
+    monkeypatch.setattr(train_gpt2, "autocast_dtype", lambda *a: torch.float16)
+    train_gpt2.main(run + ["--max_steps", "4", "--resume", "auto"])
+    assert torch.load(tmp_path / "model_00004.pt", weights_only=True)["scaler"]["scale"] > 0
+    monkeypatch.undo()
+    train_gpt2.main(run + ["--max_steps", "6", "--resume", "auto"])
+    assert torch.load(tmp_path / "model_00006.pt", weights_only=True)["scaler"] == {}
+    assert [s for s, kind, _ in records(str(tmp_path)) if kind == "train"] == list(range(6))
+
+
 # -----------------------------------------------------------------------------
 # --keep_checkpoints
 
