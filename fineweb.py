@@ -99,7 +99,7 @@ def parse_args(argv):
     p.add_argument("--start_method", choices=["fork", "spawn", "forkserver"],
                    help="multiprocessing start method (default: the platform's)")
     args = p.parse_args(argv)
-    if args.shard_size > 10**12:  # 2 TB per shard; the .npy header is written for a fixed width
+    if args.shard_size > 10**12:  # 2 TB per shard: a typo, not a plan
         usage_error("argument --shard_size: at most 1e12 tokens")
     if args.dataset not in DATASETS:
         usage_error(f"unknown --dataset {args.dataset!r}; choose from {', '.join(DATASETS)}")

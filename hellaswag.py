@@ -17,6 +17,7 @@ that parquet. Set $HF_ENDPOINT to use a hub mirror.
 """
 import argparse
 import contextlib
+import http.client
 import json
 import os
 import urllib.request
@@ -26,8 +27,8 @@ import torch.distributed as dist
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from train_gpt2 import (GPT, GPTConfig, HelpFormatter, UserError, autocast, autocast_dtype, gpt2_tokenizer,
-                        load_checkpoint, load_sharded_state, run_cli, setup_device, usage_error)
+from train_gpt2 import (GPT, GPTConfig, HelpFormatter, UserError, autocast, autocast_dtype, first_line,
+                        gpt2_tokenizer, load_checkpoint, load_sharded_state, run_cli, setup_device, usage_error)
 
 # where the hub keeps the auto-converted parquet of the dataset (the repo itself is a loading script)
 HUB_FILE = "datasets/Rowan/hellaswag/resolve/refs%2Fconvert%2Fparquet/default/validation/0000.parquet"
@@ -64,7 +65,7 @@ def read_examples(path):
             try:
                 rows = pq.read_table(path).to_pylist()
             except Exception as e:  # pyarrow's errors for a truncated or broken file
-                raise UserError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})")
+                raise UserError(f"{path}: not a readable parquet file ({first_line(e)})")
             return [check_example(row, f"{path}: row {i}") for i, row in enumerate(rows)]
         examples = []
         with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark some editors write is no JSON
@@ -80,7 +81,7 @@ def read_examples(path):
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text, nor parquet (byte {e.start})")
     except OSError as e:  # missing, a folder, unreadable; pyarrow's errors for broken parquet are OSErrors too
-        raise UserError(f"cannot read HellaSwag file {path}: {e.strerror or str(e).splitlines()[0]}")
+        raise UserError(f"cannot read HellaSwag file {path}: {e.strerror or first_line(e)}")
 
 
 def download(path):
@@ -97,7 +98,8 @@ def download(path):
                     f.write(chunk)
                 f.flush()
                 os.fsync(f.fileno())
-        except (OSError, ValueError) as e:  # URLError, HTTPError, timeouts, a full disk; ValueError: a bad URL
+        # URLError, HTTPError, timeouts, a full disk; a connection cut mid-file (HTTPException); a bad URL (ValueError)
+        except (OSError, http.client.HTTPException, ValueError) as e:
             raise UserError(f"cannot download HellaSwag from {url} ({getattr(e, 'reason', e)}): "
                             "pass a local copy (jsonl or parquet) with --data (train_gpt2.py: --hellaswag_data)")
         try:
@@ -294,7 +296,7 @@ def load_model(args):
         else:
             model.load_state_dict(ckpt["model"])
     except (TypeError, RuntimeError) as e:
-        raise UserError(f"checkpoint {args.checkpoint} does not fit its own config: {str(e).splitlines()[0]}")
+        raise UserError(f"checkpoint {args.checkpoint} does not fit its own config: {first_line(e)}")
     return model
 
 

@@ -185,7 +185,7 @@ def main():
         try:
             dt, mem, losses, flops = measure(name, args, shards, args.device)
         except Exception as e:  # one failing lever must not cost the others' figures
-            print(f"{name:{width}s} failed: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}",
+            print(f"{name:{width}s} failed: {type(e).__name__}: {tg.first_line(e)[:200]}",
                   flush=True)
             continue
         finally:

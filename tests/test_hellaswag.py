@@ -1,5 +1,6 @@
 """hellaswag.py: data formats and errors, the download path, scoring parity with transformers, batching,
 torch.compile, DDP, the command line and the trainer's use of it. Offline, CPU, small random models."""
+import http.client
 import io
 import json
 import os
@@ -226,12 +227,14 @@ def test_download_is_cached_atomically_and_once(tmp_path, monkeypatch):
     assert hellaswag.load_examples() == EXAMPLES and len(calls) == 1  # the second load reads the cache
 
 
-@pytest.mark.parametrize("failure", ["truncated", "dropped"])
+@pytest.mark.parametrize("failure", ["truncated", "dropped", "cut"])
 def test_failed_download_leaves_no_cache_file(tmp_path, monkeypatch, failure):
     data = parquet_bytes(EXAMPLES)
 
     class Dropping(io.BytesIO):
         def read(self, n=-1):
+            if self.tell() > 100 and failure == "cut":  # the server closed before the promised length
+                raise http.client.IncompleteRead(b"", 1000)
             if self.tell() > 100:
                 raise urllib.error.URLError("connection reset")
             return super().read(min(n, 64))
@@ -239,7 +242,8 @@ def test_failed_download_leaves_no_cache_file(tmp_path, monkeypatch, failure):
     served = io.BytesIO(data[:len(data) // 2]) if failure == "truncated" else Dropping(data)
     monkeypatch.setattr(hellaswag.urllib.request, "urlopen", lambda url, timeout=None: served)
     cache = tmp_path / "cache"
-    match = "not a usable HellaSwag file" if failure == "truncated" else "connection reset.*--data"
+    match = {"truncated": "not a usable HellaSwag file", "dropped": "connection reset.*--data",
+             "cut": r"IncompleteRead\(0 bytes read, 1000 more expected\).*--data"}[failure]
     cache.mkdir()  # a cache folder that was there before stays
     with pytest.raises(UserError, match=match):
         hellaswag.load_examples(cache_dir=str(cache))
