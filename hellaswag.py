@@ -250,7 +250,8 @@ def score_endings(model, examples, device, amp=contextlib.nullcontext(), batch_s
         r, p = mask[:, 1:].nonzero(as_tuple=True)
         where = torch.tensor([4 * i + j for i, j, _, _ in batch])
         counts.index_add_(0, where, mask[:len(batch), 1:].sum(1).double())
-        # one pinned copy per batch: the host prepares the next batch while the device works on this one
+        # one pinned copy per batch (the host prepares the next batch while the device works on this one) of five
+        # pieces: the tokens; row and position of each prediction of an ending token; that token; its ending's slot
         packed = torch.cat([idx.flatten(), r, p, idx[r, p + 1], where[r]])
         packed = (packed.pin_memory() if on_cuda else packed).to(device, non_blocking=True)
         idx, r, p, targets, dest = packed.split([idx.numel()] + [len(r)] * 4)
