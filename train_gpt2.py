@@ -701,18 +701,22 @@ def write_checkpoint(path, model, optimizer, state, fsdp, keep):
         error = str(e)
     except OSError as e:  # from prune_checkpoints
         error = f"cannot remove an old checkpoint (--keep_checkpoints {keep}): {e}"
-    raise_on_all_ranks(error)
+    gather_outcomes(error)
 
 
-def raise_on_all_ranks(error):
-    """Rank 0's error line (or None) becomes every rank's UserError (or none's)."""
+def gather_outcomes(error, choice=None):
+    """Every rank's choice, [choice] in a single process; a UserError on every rank if any rank failed (rank 0's
+    error first), so no rank is left waiting in a collective for one that has left."""
+    outcomes = [(error, choice)]
     if dist.is_initialized():
-        shared = [error]
-        dist.broadcast_object_list(shared, src=0)
+        outcomes = [None] * dist.get_world_size()
+        dist.all_gather_object(outcomes, (error, choice))
         dist.barrier()  # gloo's sender may return before the receivers are done: nobody leaves before them
-        error = shared[0]
-    if error is not None:
-        raise UserError(error)
+    failed = [(rank, e) for rank, (e, _) in enumerate(outcomes) if e is not None]
+    if failed:
+        rank, e = failed[0]
+        raise UserError(e if rank == 0 else f"rank {rank}: {e}")
+    return [c for _, c in outcomes]
 
 
 def checkpoint_error(e, what):
@@ -824,9 +828,43 @@ def log_span(log_path):
 def resume_or_start(args, model, optimizer, scaler, train_loader, T, device_type, master, say):
     """Load the checkpoint to resume from (--resume), or make sure a fresh run overwrites nothing by accident.
 
-    Returns (start_step, evals_done, resumed). The log keeps only the records before the starting point."""
+    Each rank decides from what it sees in --log_dir, and the ranks compare before anything is loaded together
+    or deleted: an error on any rank, or ranks that would start at different steps (a --log_dir that is not
+    shared), stop them all. Returns (start_step, evals_done, resumed). The log keeps the records before the start."""
     log_path = os.path.join(args.log_dir, "log.txt")
-    span = log_span(log_path)
+    error, plan = None, None
+    try:
+        plan = plan_start(args, model, optimizer, scaler, train_loader, T, device_type, say)
+        if master:
+            open(log_path, "a").close()  # an unwritable --log_dir fails now, not after compiling and evaluating
+    except UserError as e:
+        error = str(e)
+    except OSError as e:
+        error = f"cannot write to --log_dir {args.log_dir}: {e.strerror or e}"
+    starts = gather_outcomes(error, plan and plan[0])
+    if len(set(starts)) > 1:
+        rank = next(r for r, s in enumerate(starts) if s != starts[0])
+        raise UserError(f"rank 0 starts at step {starts[0]} but rank {rank} at step {starts[rank]}: they see different "
+                        f"files in --log_dir {args.log_dir}; on several nodes it must be one shared folder")
+    start_step, evals_done, ckpt_path, remove, keep_log_to = plan
+    if ckpt_path and args.fsdp:
+        load_sharded_state(ckpt_path, model, optimizer)
+    if master:
+        for path in remove:
+            remove_checkpoint(path)
+        trim_log(log_path, keep_log_to, evals_done)
+        for tmp in glob.glob(os.path.join(glob.escape(args.log_dir), "model_*.tmp*")):
+            remove_checkpoint(tmp)  # half a checkpoint, left by a run killed while writing it
+    if ckpt_path:
+        say(f"resuming from {ckpt_path} at step {start_step}" +
+            (": the run is complete, nothing left to train" if start_step == args.max_steps else ""))
+    return start_step, evals_done, ckpt_path is not None
+
+
+def plan_start(args, model, optimizer, scaler, train_loader, T, device_type, say):
+    """resume_or_start's decision, on one rank: (start_step, evals_done, checkpoint path or None, checkpoints to
+    delete, last step of the log to keep). A checkpoint's plain state is loaded here, its FSDP shards later."""
+    span = log_span(os.path.join(args.log_dir, "log.txt"))
     ckpt, ckpt_path = None, None
     if args.resume == "auto":
         ckpt, ckpt_path = find_resume_checkpoint(args.log_dir, say, args.overwrite)
@@ -840,65 +878,55 @@ def resume_or_start(args, model, optimizer, scaler, train_loader, T, device_type
                                 "start over with --overwrite, or choose another --log_dir")
             first, _, trained = span  # --resume auto, and no checkpoint at all
             if first > 0 or trained >= (args.checkpoint_every or args.max_steps):
-                raise UserError(f"{log_path} records a run from step {first}, but {args.log_dir}/ holds none of its "
-                                "checkpoints: go on with --resume PATH (the checkpoint it started from, or one "
-                                "moved away), or start over with --overwrite")
+                raise UserError(f"{args.log_dir}/log.txt records a run from step {first}, but {args.log_dir}/ holds "
+                                "none of its checkpoints: go on with --resume PATH (the checkpoint it started from, "
+                                "or one moved away), or start over with --overwrite")
             say(f"warning: {args.log_dir}/ holds no checkpoint yet: starting at step 0, the log starts over")
-        for path in earlier if master else []:  # --overwrite: they would be mistaken for this run's checkpoints
-            remove_checkpoint(path)
-        start_step, evals_done, keep_log_to = 0, True, -1
-    else:
-        missing = ({"loader", "rng"} | ({"optimizer"} if not ckpt["sharded"] else set())) - set(ckpt)
-        if missing:
-            raise UserError(f"checkpoint {ckpt_path} has no {', '.join(sorted(missing))}: it can be evaluated "
-                            "(hellaswag.py -c), not resumed")
-        if ckpt["sharded"] != args.fsdp:
-            raise UserError(f"checkpoint {ckpt_path} was written " + ("with" if ckpt["sharded"] else "without") +
-                            " --fsdp: resume it the same way")
-        if ckpt["config"] != asdict(model.config):
-            raise UserError(f"checkpoint {ckpt_path} is for model {ckpt['config']}, but this run builds "
-                            f"{asdict(model.config)}: pass the same model flags, or another --log_dir")
-        if ckpt.get("seq_len", T) != T:
-            raise UserError(f"checkpoint {ckpt_path} was trained with --seq_len {ckpt['seq_len']}, not {T}")
-        start_step, evals_done = ckpt["step"], ckpt.get("evals_done", True)
-        if start_step > args.max_steps:
-            raise UserError(f"checkpoint {ckpt_path} is at step {start_step}, past --max_steps {args.max_steps}")
-        # a checkpoint from another folder: of this folder's run, moved away (the log reaches its step), or the start
-        # of a branch (the log starts at its step); else this folder holds another run (it has checkpoints up to
-        # that step of its own, or a log that does not reach it)
-        found = list_checkpoints(args.log_dir)
-        outside = os.path.realpath(os.path.dirname(os.path.normpath(ckpt_path))) != os.path.realpath(args.log_dir)
-        first, last, _ = span or (start_step, start_step, None)
-        foreign = outside and (not first <= start_step <= last or any(s <= start_step for s, _ in found))
-        if foreign and not args.overwrite:
-            raise UserError(f"{args.log_dir}/ holds another run: to go on from {ckpt_path} there, replace it with "
-                            "--overwrite, or choose another --log_dir")
-        later = [path for s, path in found if foreign or s > start_step] if args.resume != "auto" else []
-        if later and not args.overwrite:  # a later --resume auto would take them for this run's
-            raise UserError(f"{args.log_dir}/ holds checkpoints after step {start_step} "
-                            f"({', '.join(os.path.basename(p) for p in later)}): to go on from {ckpt_path} "
-                            "instead, delete them with --overwrite, or choose another --log_dir")
-        if args.fsdp:
-            load_sharded_state(ckpt_path, model, optimizer)
-        else:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler"):  # an fp16 run's loss scale; a bf16 or fp32 checkpoint has none, and fp16 starts one
-            scaler.load_state_dict(ckpt["scaler"])
-        train_loader.set_state(ckpt["loader"])
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        if device_type == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-        for path in later if master else []:
-            remove_checkpoint(path)
-        say(f"resuming from {ckpt_path} at step {start_step}" +
-            (": the run is complete, nothing left to train" if start_step == args.max_steps else ""))
-        keep_log_to = -1 if foreign else start_step
-    if master:
-        trim_log(log_path, keep_log_to, evals_done)
-        for tmp in glob.glob(os.path.join(glob.escape(args.log_dir), "model_*.tmp*")):
-            remove_checkpoint(tmp)  # half a checkpoint, left by a run killed while writing it
-    return start_step, evals_done, ckpt is not None
+        return 0, True, None, earlier, -1  # with --overwrite, its checkpoints go: they would pass for this run's
+    missing = ({"loader", "rng"} | ({"optimizer"} if not ckpt["sharded"] else set())) - set(ckpt)
+    if missing:
+        raise UserError(f"checkpoint {ckpt_path} has no {', '.join(sorted(missing))}: it can be evaluated "
+                        "(hellaswag.py -c), not resumed")
+    if ckpt["sharded"] != args.fsdp:
+        raise UserError(f"checkpoint {ckpt_path} was written " + ("with" if ckpt["sharded"] else "without") +
+                        " --fsdp: resume it the same way")
+    if ckpt["config"] != asdict(model.config):
+        raise UserError(f"checkpoint {ckpt_path} is for model {ckpt['config']}, but this run builds "
+                        f"{asdict(model.config)}: pass the same model flags, or another --log_dir")
+    if ckpt.get("seq_len", T) != T:
+        raise UserError(f"checkpoint {ckpt_path} was trained with --seq_len {ckpt['seq_len']}, not {T}")
+    start_step, evals_done = ckpt["step"], ckpt.get("evals_done", True)
+    if start_step > args.max_steps:
+        raise UserError(f"checkpoint {ckpt_path} is at step {start_step}, past --max_steps {args.max_steps}")
+    # a checkpoint from another folder: of this folder's run, moved away (the log reaches its step), or the start
+    # of a branch (the log starts at its step); else this folder holds another run (it has checkpoints up to
+    # that step of its own, or a log that does not reach it)
+    found = list_checkpoints(args.log_dir)
+    outside = os.path.realpath(os.path.dirname(os.path.normpath(ckpt_path))) != os.path.realpath(args.log_dir)
+    first, last, _ = span or (start_step, start_step, None)
+    foreign = outside and (not first <= start_step <= last or any(s <= start_step for s, _ in found))
+    if foreign and not args.overwrite:
+        raise UserError(f"{args.log_dir}/ holds another run: to go on from {ckpt_path} there, replace it with "
+                        "--overwrite, or choose another --log_dir")
+    later = [path for s, path in found if foreign or s > start_step] if args.resume != "auto" else []
+    if later and not args.overwrite:  # a later --resume auto would take them for this run's
+        raise UserError(f"{args.log_dir}/ holds checkpoints after step {start_step} "
+                        f"({', '.join(os.path.basename(p) for p in later)}): to go on from {ckpt_path} "
+                        "instead, delete them with --overwrite, or choose another --log_dir")
+    train_loader.set_state(ckpt["loader"])
+    val_rows = args.val_steps * train_loader.B * train_loader.world_size
+    if args.eval_every and ckpt.get("val_rows", val_rows) != val_rows:
+        say(f"warning: the checkpoint's run evaluated {ckpt['val_rows']} val sequences, this one {val_rows} "
+            "(--val_steps x --batch_size x processes): the val loss changes at the resume")
+    if not args.fsdp:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler"):  # an fp16 run's loss scale; a bf16 or fp32 checkpoint has none, and fp16 starts one
+        scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"]["cpu"])
+    if device_type == "cuda" and "cuda" in ckpt["rng"]:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    return start_step, evals_done, ckpt_path, later, -1 if foreign else start_step
 
 
 # dense bf16 tensor-core peak of common cards (V100, T4: fp16), for MFU; the first name contained in the card's wins
@@ -1001,6 +1029,8 @@ def parse_args(argv=None):
         p.error("--dist_timeout must be a finite number of seconds, 1 or more")
     if args.vocab_size is not None and args.vocab_size < 50257:
         p.error("--vocab_size must hold the GPT-2 tokenizer's 50257 tokens")
+    if args.world_size is not None and not args.dry_run:
+        p.error("--world_size is for --dry_run: a run takes its number of processes from the launch")
     if args.sample_every and not args.sample_prompt:
         p.error("--sample_prompt is empty")
     return args
@@ -1059,6 +1089,8 @@ def memory_plan(config, B, T, world, amp_bytes, activation_checkpointing, loss_c
 
 
 def dry_run(args, config):
+    if os.environ.get("RANK", "0") != "0":  # launched by torchrun: one plan, from rank 0
+        return
     world = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
     accum = batch_plan(args.total_batch_size, args.batch_size, args.seq_len, world, config.block_size)
     amp_bytes = 4 if args.dtype == "fp32" else 2
@@ -1107,12 +1139,22 @@ def setup_device(device_arg, timeout=600):
     missing = [v for v in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
     if missing:
         raise UserError(f"RANK is set but not {', '.join(missing)}: launch several processes with torchrun")
-    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    ids = {v: os.environ[v] for v in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    if not all(x.isdecimal() for x in ids.values()) or int(ids["RANK"]) >= int(ids["WORLD_SIZE"]):
+        raise UserError(f"{', '.join(f'{k}={v}' for k, v in ids.items())}: these must be integers with "
+                        "0 <= RANK < WORLD_SIZE; launch with torchrun")
+    rank, local_rank, world = int(ids["RANK"]), int(ids["LOCAL_RANK"]), int(ids["WORLD_SIZE"])
     if device_arg.startswith("cuda"):
+        if local_rank >= count:
+            raise UserError(f"LOCAL_RANK={local_rank}, but this node has {count} GPU(s): one process per GPU")
         device_arg = f"cuda:{local_rank}"  # one GPU per process
         torch.cuda.set_device(device_arg)
-    dist.init_process_group(backend="nccl" if device_arg.startswith("cuda") else "gloo",
-                            timeout=timedelta(seconds=timeout))
+    try:
+        dist.init_process_group(backend="nccl" if device_arg.startswith("cuda") else "gloo",
+                                timeout=timedelta(seconds=timeout))
+    except (RuntimeError, ValueError) as e:  # DistError (no rank 0, a port in use, ...) is a RuntimeError
+        raise UserError(f"rank {rank} of {world} cannot join the process group at {os.environ['MASTER_ADDR']}:"
+                        f"{os.environ['MASTER_PORT']}: {first_line(e)}")
     return rank, local_rank, world, device_arg
 
 
@@ -1232,8 +1274,11 @@ def main(argv=None):
 
     def log(line):
         if master:
-            with open(log_path, "a") as f:
-                f.write(line + "\n")
+            try:
+                with open(log_path, "a") as f:
+                    f.write(line + "\n")
+            except OSError as e:  # a full disk: say which file
+                raise UserError(f"cannot write {log_path}: {e.strerror or e}")
 
     flops_per_gpu_step = flops_per_token(config, T) * args.total_batch_size / world
     peak = peak_flops(device_type)
@@ -1266,7 +1311,8 @@ def main(argv=None):
             if device_type == "cuda":
                 rng["cuda"] = torch.cuda.get_rng_state()
             state = {"scaler": scaler.state_dict(), "step": step, "config": asdict(config), "seq_len": T,
-                     "loader": train_loader.state_dict(), "rng": rng, "args": vars(args), "evals_done": not stop}
+                     "loader": train_loader.state_dict(), "rng": rng, "args": vars(args), "evals_done": not stop,
+                     "val_rows": args.val_steps * B * world}
             write_checkpoint(path, model, optimizer, state, args.fsdp, args.keep_checkpoints)
         if stop:
             say(f"stopped at step {step} by {STOP['signal'] or 'a signal to another rank'}; checkpoint {path}; "

@@ -129,6 +129,7 @@ CASES = [
     ("train_gpt2.py", ["--max_lr", "2"], "--max_lr must be at most 1"),
     ("train_gpt2.py", ["--vocab_size", str(10**12)], "out of memory (can't allocate memory: you tried to allocate"),
     ("train_gpt2.py", ["--seed", "-1"], "--seed must be 0 or more"),
+    ("train_gpt2.py", ["--world_size", "8"], "--world_size is for --dry_run"),
     ("train_gpt2.py", ["--keep_checkpoints", "-1"], "--keep_checkpoints must be 0 or more"),
     ("train_gpt2.py", ["--dist_timeout", "0"], "--dist_timeout must be a finite number of seconds, 1 or more"),
     ("train_gpt2.py", ["--dist_timeout", "inf"], "--dist_timeout must be a finite number of seconds, 1 or more"),

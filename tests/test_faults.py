@@ -8,6 +8,7 @@ import contextlib
 import errno
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -38,6 +39,12 @@ def log_text(log_dir):
 
 def checkpoints(log_dir):
     return [step for step, _ in train_gpt2.list_checkpoints(log_dir)]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def checkpoint(log_dir, step):
@@ -294,11 +301,8 @@ def test_a_dead_or_hung_rank_ends_the_job(tmp_path, fault):
     """Two ranks started by hand (as a cluster scheduler would, without torchrun to clean up): when rank 1 is
     killed, or stopped so it hangs, rank 0 exits 1 with a one-line message, within --dist_timeout."""
     log_dir = str(tmp_path / "log")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     cmd = [sys.executable, "train_gpt2.py", *FAULT, "--log_dir", log_dir, "--dist_timeout", "5"]
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
     ranks = []
     for rank in (0, 1):
         (tmp_path / f"rank{rank}").mkdir()
@@ -316,6 +320,29 @@ def test_a_dead_or_hung_rank_ends_the_job(tmp_path, fault):
     assert err.strip().splitlines()[-1].startswith("error: rank 0 lost the other ranks (") and "Traceback" not in err
     assert waited < 60  # bounded by --dist_timeout (5 s), plus start-up slack; never a hang
     assert 20 not in checkpoints(log_dir)
+
+
+def test_ranks_that_see_different_log_dirs_stop_before_anything_changes(tmp_path, reference):
+    """Two nodes without a shared --log_dir: rank 0 finds a checkpoint, rank 1 none. Both stop with the same
+    line before loading or deleting anything, rather than train on from two different states."""
+    seen = {0: tmp_path / "node0", 1: tmp_path / "node1"}
+    seen[0].mkdir(), seen[1].mkdir()
+    shutil.copy(os.path.join(reference, "model_00004.pt"), seen[0])
+    records_to_4 = "".join(line + "\n" for line in log_text(reference).splitlines() if int(line.split()[0]) < 4)
+    (seen[0] / "log.txt").write_text(records_to_4)
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
+    ranks = []
+    for rank in (0, 1):
+        (tmp_path / f"rank{rank}").mkdir()
+        cmd = [sys.executable, "train_gpt2.py", *FAULT, "--log_dir", str(seen[rank]), "--resume", "auto",
+               "--dist_timeout", "30"]
+        ranks.append(Run(cmd, str(tmp_path / f"rank{rank}"), dict(env, RANK=str(rank), LOCAL_RANK=str(rank))))
+    assert [run.wait(timeout=120) for run in ranks] == [1, 1]
+    for rank, run in enumerate(ranks):
+        assert run.output()[1] == (f"error: rank 0 starts at step 4 but rank 1 at step 0: they see different files "
+                                   f"in --log_dir {seen[rank]}; on several nodes it must be one shared folder\n")
+    assert sorted(os.listdir(seen[0])) == ["log.txt", "model_00004.pt"] and log_text(seen[0]) == records_to_4
+    assert os.listdir(seen[1]) == []
 
 
 # -----------------------------------------------------------------------------

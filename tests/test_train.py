@@ -199,6 +199,27 @@ def test_resume_at_or_past_max_steps(tmp_path, uninterrupted):
     assert r.stderr == f"error: checkpoint {log_dir}/model_00024.pt is at step 24, past --max_steps 12\n"
 
 
+def test_resume_with_another_micro_batch_says_the_val_set_changes(tmp_path, uninterrupted):
+    """The same --total_batch_size in micro-batches of 2 instead of 4: training reads the same sequences, but
+    each evaluation reads --val_steps x B x processes of them, so its loss moves: the resume says so."""
+    log_dir = str(tmp_path / "log")
+    shutil.copytree(uninterrupted, log_dir)
+    r = ok(train(RESUME + ["--log_dir", log_dir, "--resume", str(tmp_path / "log" / "model_00018.pt"),
+                           "--batch_size", "2", "--overwrite"]))
+    assert ("warning: the checkpoint's run evaluated 8 val sequences, this one 4 (--val_steps x --batch_size x "
+            "processes): the val loss changes at the resume") in r.stdout
+    full, resumed = records(uninterrupted, "train"), records(log_dir, "train")
+    assert [s for s, _, _ in full] == [s for s, _, _ in resumed]
+    assert all(abs(a[2] - b[2]) < 1e-5 for a, b in zip(full, resumed))
+
+
+def test_an_unwritable_log_dir_stops_before_training(tmp_path):
+    (tmp_path / "log.txt").mkdir()  # (a read-only folder is writable to root, who runs CI)
+    r = train(FAST + ["--log_dir", str(tmp_path), "--max_steps", "2"])
+    assert r.returncode == 1 and r.stderr == f"error: cannot write to --log_dir {tmp_path}: Is a directory\n"
+    assert "validation loss" not in r.stdout and "step    0" not in r.stdout
+
+
 def test_glob_characters_in_paths_and_a_special_token_in_the_prompt(tmp_path):
     """Folders are taken literally (a [1] in a name is no pattern); <|endoftext|> in a prompt is the token."""
     data = write_shards(str(tmp_path / "data[1]"), {"val": [3000], "train": [3000, 3000]})
@@ -217,6 +238,17 @@ def test_a_rank_without_torchrun_is_one_line(tmp_path):
     r = train(FAST + ["--log_dir", str(tmp_path)], env={"RANK": "0"})
     assert r.returncode == 1 and r.stderr == ("error: RANK is set but not LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, "
                                               "MASTER_PORT: launch several processes with torchrun\n")
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29499", "LOCAL_RANK": "0", "RANK": "0"}
+    for ids in ({"RANK": "2", "WORLD_SIZE": "2"}, {"WORLD_SIZE": "two"}, {"WORLD_SIZE": "0"}):
+        r = train(FAST + ["--log_dir", str(tmp_path)], env=dict(env, **ids))
+        ids = dict(env, **ids)
+        assert r.returncode == 1 and r.stderr == (f"error: RANK={ids['RANK']}, LOCAL_RANK=0, WORLD_SIZE="
+                                                  f"{ids['WORLD_SIZE']}: these must be integers with 0 <= RANK < "
+                                                  "WORLD_SIZE; launch with torchrun\n")
+    # rank 0 of 2, and rank 1 never comes: one line after --dist_timeout, not a traceback
+    r = train(FAST + ["--log_dir", str(tmp_path), "--dist_timeout", "2"], env=dict(env, WORLD_SIZE="2"))
+    assert r.returncode == 1 and r.stderr.startswith("error: rank 0 of 2 cannot join the process group at "
+                                                     "127.0.0.1:29499: ") and r.stderr.count("\n") == 1, r.stderr
 
 
 def test_compiled_model_trains_evaluates_and_samples(tmp_path):
