@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import gc
 import glob
+import hashlib
 import math
 import os
 import re
@@ -788,19 +789,25 @@ def trim_log(log_path, resume_step, evals_done=True):
     """
     if not os.path.exists(log_path):
         return
-    kept = []
-    for line in read_log(log_path):
-        record = log_record(line)
-        if record:
-            step, kind = record
-            if step > resume_step or (step == resume_step and (kind == "train" or not evals_done)):
-                continue
-        kept.append(line + "\n")
+    kept = [line + "\n" for line in read_log(log_path) if not after(log_record(line), resume_step, evals_done)]
     with open(log_path + ".tmp", "w", errors="surrogateescape") as f:
         f.writelines(kept)
         f.flush()
         os.fsync(f.fileno())  # the new log is on disk before it replaces the old one
     os.replace(log_path + ".tmp", log_path)
+
+
+def after(record, step, evals_done):
+    """Is a log record (step, kind) written after the checkpoint at `step`? (None, a line that is no record: no)"""
+    return record is not None and (record[0] > step or (record[0] == step and (record[1] == "train" or not evals_done)))
+
+
+def log_digest(log_path, step, evals_done):
+    """A hash of the records before the checkpoint at `step`, the ones trim_log keeps. A checkpoint carries the
+    digest of its run's log, so a log of the same run is told from another's that spans the same steps."""
+    records = [line for line in read_log(log_path) if log_record(line)]
+    records = [line for line in records if not after(log_record(line), step, evals_done)]
+    return hashlib.sha256("\n".join(records).encode(errors="surrogateescape")).hexdigest()
 
 
 def read_log(log_path):
@@ -898,13 +905,15 @@ def plan_start(args, model, optimizer, scaler, train_loader, T, device_type, say
     start_step, evals_done = ckpt["step"], ckpt.get("evals_done", True)
     if start_step > args.max_steps:
         raise UserError(f"checkpoint {ckpt_path} is at step {start_step}, past --max_steps {args.max_steps}")
-    # a checkpoint from another folder: of this folder's run, moved away (the log reaches its step), or the start
-    # of a branch (the log starts at its step); else this folder holds another run (it has checkpoints up to
-    # that step of its own, or a log that does not reach it)
+    # a checkpoint from another folder: of this folder's run, moved away (the log holds the records it follows:
+    # their digest, or in checkpoints older than the digest, the steps), or the start of a branch (the log starts
+    # at its step, or there is none); else this folder holds another run
     found = list_checkpoints(args.log_dir)
     outside = os.path.realpath(os.path.dirname(os.path.normpath(ckpt_path))) != os.path.realpath(args.log_dir)
     first, last, _ = span or (start_step, start_step, None)
-    foreign = outside and (not first <= start_step <= last or any(s <= start_step for s, _ in found))
+    same_log = ("log_digest" not in ckpt or first == start_step or
+                ckpt["log_digest"] == log_digest(os.path.join(args.log_dir, "log.txt"), start_step, evals_done))
+    foreign = outside and (not first <= start_step <= last or any(s <= start_step for s, _ in found) or not same_log)
     if foreign and not args.overwrite:
         raise UserError(f"{args.log_dir}/ holds another run: to go on from {ckpt_path} there, replace it with "
                         "--overwrite, or choose another --log_dir")
@@ -1312,7 +1321,8 @@ def main(argv=None):
                 rng["cuda"] = torch.cuda.get_rng_state()
             state = {"scaler": scaler.state_dict(), "step": step, "config": asdict(config), "seq_len": T,
                      "loader": train_loader.state_dict(), "rng": rng, "args": vars(args), "evals_done": not stop,
-                     "val_rows": args.val_steps * B * world}
+                     "val_rows": args.val_steps * B * world,
+                     "log_digest": log_digest(log_path, step, not stop) if master else None}
             write_checkpoint(path, model, optimizer, state, args.fsdp, args.keep_checkpoints)
         if stop:
             say(f"stopped at step {step} by {STOP['signal'] or 'a signal to another rank'}; checkpoint {path}; "

@@ -164,6 +164,24 @@ def test_a_run_branched_from_another_folders_checkpoint(tmp_path, uninterrupted)
     assert_same_run(branch, other)
 
 
+def test_a_folder_of_another_run_over_the_same_steps_is_not_taken_for_this_one(tmp_path, uninterrupted):
+    """Another run's folder whose log spans the checkpoint's step, with only later checkpoints: its records differ
+    from the ones the checkpoint followed (their digest), so it is another run, not this one's moved away.
+    --overwrite replaces it whole; its log is never continued with this run's records."""
+    other = str(tmp_path / "other")
+    ok(train(RESUME + ["--log_dir", other, "--max_lr", "5e-3", "--max_steps", "12", "--checkpoint_every", "12"]))
+    before = folder_bytes(other)
+    start = ["--resume", os.path.join(uninterrupted, "model_00006.pt"), "--log_dir", other]
+    r = train(RESUME + start)
+    assert r.returncode == 1 and r.stderr.startswith(f"error: {other}/ holds another run: "), r.stderr
+    assert folder_bytes(other) == before
+    ok(train(RESUME + start + ["--overwrite"]))
+    with open(os.path.join(uninterrupted, "log.txt")) as f:  # the branch's log: from step 6's training on
+        expected = [line for line in f if int(line.split()[0]) > 6 or line.startswith("6 train")]
+    with open(os.path.join(other, "log.txt")) as f:
+        assert f.readlines() == expected
+
+
 def test_resume_from_a_path_and_past_a_corrupt_checkpoint(tmp_path, uninterrupted):
     log_dir = str(tmp_path / "log")
     shutil.copytree(uninterrupted, log_dir)
