@@ -615,7 +615,8 @@ def main(argv=None):
         import tiktoken
         tiktoken.get_encoding("gpt2")  # fail here, not in every worker
     except Exception as e:
-        fail(f"cannot load the GPT-2 tokenizer: {one_line(e)}")
+        fail(f"cannot load the GPT-2 tokenizer ({type(e).__name__}); offline, seed tiktoken's cache with "
+             "tools/offline_tokenizer.py (README, 'Offline use')")
     ds = open_source(source)
     manifest, done = prepare(args.out_dir, prefix, source, args)
     if not done:

@@ -288,16 +288,20 @@ def evaluate(model, examples, device, amp=contextlib.nullcontext(), rank=0, worl
 
 def load_model(args):
     if args.model:
-        return GPT.from_pretrained(args.model)  # UserError for unknown names and unloadable folders
-    ckpt = load_checkpoint(args.checkpoint)  # UserError for missing, truncated or foreign files
-    try:
-        model = GPT(GPTConfig(**ckpt["config"]))
-        if ckpt["sharded"]:  # an FSDP checkpoint, a folder of shards: DCP reads them all into the whole model
-            load_sharded_state(args.checkpoint, model)
-        else:
-            model.load_state_dict(ckpt["model"])
-    except (TypeError, RuntimeError) as e:
-        raise UserError(f"checkpoint {args.checkpoint} does not fit its own config: {first_line(e)}")
+        model = GPT.from_pretrained(args.model)  # UserError for unknown names and unloadable folders
+    else:
+        ckpt = load_checkpoint(args.checkpoint)  # UserError for missing, truncated or foreign files
+        try:
+            model = GPT(GPTConfig(**ckpt["config"]))
+            if ckpt["sharded"]:  # an FSDP checkpoint, a folder of shards: DCP reads them all into the whole model
+                load_sharded_state(args.checkpoint, model)
+            else:
+                model.load_state_dict(ckpt["model"])
+        except (TypeError, RuntimeError, AssertionError) as e:
+            raise UserError(f"checkpoint {args.checkpoint} does not fit its own config: {first_line(e)}")
+    if model.config.vocab_size < VOCAB:  # the examples are GPT-2 tokens
+        raise UserError(f"{args.model or args.checkpoint} has a vocabulary of {model.config.vocab_size} tokens: "
+                        f"scoring GPT-2 tokens needs {VOCAB} or more")
     return model
 
 

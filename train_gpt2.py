@@ -194,7 +194,10 @@ class GPT(nn.Module):
                             "or a folder saved by transformers' save_pretrained")
         from huggingface_hub.utils import logging as hub_logging
         from transformers import GPT2LMHeadModel
+        from transformers.utils import logging as hf_logging
         hub_logging.set_verbosity_error()  # not a line per retry of a failed request: the error below says it
+        hf_logging.set_verbosity_error()  # nor config warnings and a progress bar: errors here are one line
+        hf_logging.disable_progress_bar()
         try:
             hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
         except Exception as e:  # no network, a broken folder, not a GPT-2 checkpoint, ...

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import fineweb
-from helpers import FAST, ROOT, ok, train, write_shards
+from helpers import FAST, ROOT, ok, save_tiny_hf_gpt2, train, write_shards
 
 
 def hella_row(ctx, label=0):
@@ -38,6 +38,8 @@ def d(tmp_path_factory):
     torch.save({"weights": torch.zeros(2)}, str(d / "foreign.pt"))
     ckpt = torch.load(str(d / "run" / "model_00001.pt"), weights_only=True)
     torch.save({**ckpt, "config": {**ckpt["config"], "n_embd": 64}}, str(d / "misfit.pt"))
+    torch.save({**ckpt, "config": {**ckpt["config"], "n_head": 3}}, str(d / "headless.pt"))  # 32 / 3 heads
+    save_tiny_hf_gpt2(str(d / "hf_vocab_1000"), vocab_size=1000)
     torch.save({k: ckpt[k] for k in ("model", "config", "step")}, str(d / "minimal.pt"))  # evaluable only
     (d / "oor").mkdir()
     for split in ("val", "train"):  # uint16, but not GPT-2 tokens
@@ -147,6 +149,9 @@ CASES = [
     ("hellaswag.py", ["-c", "{d}/truncated.pt", "--data", "{d}/hella.jsonl"], "truncated or corrupt"),
     ("hellaswag.py", ["-c", "{d}/foreign.pt", "--data", "{d}/hella.jsonl"], "not a checkpoint of train_gpt2.py"),
     ("hellaswag.py", ["-c", "{d}/misfit.pt", "--data", "{d}/hella.jsonl"], "does not fit its own config"),
+    ("hellaswag.py", ["-c", "{d}/headless.pt", "--data", "{d}/hella.jsonl"], "does not fit its own config"),
+    ("hellaswag.py", ["-m", "{d}/hf_vocab_1000", "--data", "{d}/hella.jsonl"],
+     "{d}/hf_vocab_1000 has a vocabulary of 1000 tokens: scoring GPT-2 tokens needs 50257 or more"),
     ("hellaswag.py", ["-c", "{d}/run/model_00001.pt", "--data", "{d}/bad_hella.jsonl"], "'label' must be 0, 1, 2 or 3"),
     ("hellaswag.py", ["-c", "{d}/run/model_00001.pt", "--device", "tpu"], "use auto, cpu, cuda, cuda:N or mps"),
     ("hellaswag.py", ["-c", "x.pt", "--limit", "0"], "--limit must be positive"),
@@ -179,6 +184,9 @@ CASES = [
     ("fineweb.py", ["--local_files", "{d}/corpus.parquet", "--out_dir", "{d}/badmanifest", "--shard_size", "1000"],
      "cannot read {d}/badmanifest/manifest.json: shard entry 1 is not what this script writes"),
     ("fineweb.py", ["--verify", "--out_dir", "{d}/badmanifest"], "shard entry 1 is not what this script writes"),
+    ("tools/make_input_txt.py", [], "the following arguments are required: archive"),
+    ("tools/make_input_txt.py", ["{d}/missing.tar.gz"], "cannot make input.txt from {d}/missing.tar.gz"),
+    ("tools/offline_tokenizer.py", ["--force"], "unrecognized arguments: --force"),
 ]
 
 

