@@ -813,6 +813,9 @@ def log_digest(log_path, step, evals_done):
     return hashlib.sha256("\n".join(records).encode(errors="surrogateescape")).hexdigest()
 
 
+NO_RECORDS = hashlib.sha256(b"").hexdigest()  # the log_digest of a log without records
+
+
 def read_log(log_path):
     """The whole lines of a log.txt, [] if there is none; bytes that are not UTF-8 are kept as they are."""
     if not os.path.exists(log_path):
@@ -908,15 +911,19 @@ def plan_start(args, model, optimizer, scaler, train_loader, T, device_type, say
     start_step, evals_done = ckpt["step"], ckpt.get("evals_done", True)
     if start_step > args.max_steps:
         raise UserError(f"checkpoint {ckpt_path} is at step {start_step}, past --max_steps {args.max_steps}")
-    # a checkpoint from another folder: of this folder's run, moved away (the log holds the records it follows:
-    # their digest, or in checkpoints older than the digest, the steps), or the start of a branch (the log starts
-    # at its step, or there is none); else this folder holds another run
+    # a checkpoint from another folder is of this folder's run, moved away, if the log holds the records it
+    # followed (by their digest); or it starts a branch, if the log holds none of them and the folder no checkpoint
+    # up to its step. Else this folder holds another run. (Checkpoints from before the digest: by the steps alone.)
     found = list_checkpoints(args.log_dir)
     outside = os.path.realpath(os.path.dirname(os.path.normpath(ckpt_path))) != os.path.realpath(args.log_dir)
-    first, last, _ = span or (start_step, start_step, None)
-    same_log = ("log_digest" not in ckpt or first == start_step or
-                ckpt["log_digest"] == log_digest(os.path.join(args.log_dir, "log.txt"), start_step, evals_done))
-    foreign = outside and (not first <= start_step <= last or any(s <= start_step for s, _ in found) or not same_log)
+    followed = log_digest(os.path.join(args.log_dir, "log.txt"), start_step, evals_done)
+    branch = followed == NO_RECORDS and not any(s <= start_step for s, _ in found)
+    if "log_digest" in ckpt:
+        same_run = followed == ckpt["log_digest"] or branch
+    else:
+        first, last, _ = span or (start_step, start_step, None)
+        same_run = first <= start_step <= last and not any(s <= start_step for s, _ in found)
+    foreign = outside and not same_run
     if foreign and not args.overwrite:
         raise UserError(f"{args.log_dir}/ holds another run: to go on from {ckpt_path} there, replace it with "
                         "--overwrite, or choose another --log_dir")

@@ -180,6 +180,16 @@ def test_a_folder_of_another_run_over_the_same_steps_is_not_taken_for_this_one(t
         expected = [line for line in f if int(line.split()[0]) > 6 or line.startswith("6 train")]
     with open(os.path.join(other, "log.txt")) as f:
         assert f.readlines() == expected
+    # this run's folder, with its last checkpoints moved away and earlier ones left: the log holds the records the
+    # checkpoint followed, so the run goes on there
+    log_dir, away = str(tmp_path / "log"), str(tmp_path / "away")
+    shutil.copytree(uninterrupted, log_dir)
+    os.makedirs(away)
+    for step in (18, 24):
+        shutil.move(os.path.join(log_dir, f"model_{step:05d}.pt"), away)
+    r = ok(train(RESUME + ["--log_dir", log_dir, "--resume", os.path.join(away, "model_00018.pt")]))
+    assert f"resuming from {away}/model_00018.pt at step 18" in r.stdout
+    assert_same_run(uninterrupted, log_dir)
 
 
 def test_resume_from_a_path_and_past_a_corrupt_checkpoint(tmp_path, uninterrupted):
