@@ -655,8 +655,8 @@ def shard_model(model, amp_dtype):
     low = MixedPrecisionPolicy(param_dtype=None if amp_dtype == torch.float32 else amp_dtype,
                                reduce_dtype=torch.float32, cast_forward_inputs=False)
     for block in model.transformer.h:
-        for norm in (block.ln_1, block.ln_2):  # their own (tiny) units, so their weights stay fp32
-            fully_shard(norm, mp_policy=fp32)
+        for norm in (block.ln_1, block.ln_2):  # their own units, so their weights stay fp32; tiny, so kept gathered
+            fully_shard(norm, mp_policy=fp32, reshard_after_forward=False)
         fully_shard(block, mp_policy=low)
     fully_shard(model, mp_policy=fp32)  # the root: embeddings (tied to lm_head) and ln_f
 
@@ -669,9 +669,13 @@ def save_sharded_checkpoint(path, model, optimizer, meta):
     from torch.distributed.checkpoint.state_dict import get_state_dict
     model_state, optim_state = get_state_dict(model, optimizer)
     tmp, master = path + ".tmp", dist.get_rank() == 0
-    if master and os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    dist.barrier()
+    error = None
+    try:
+        if master and os.path.exists(tmp):
+            shutil.rmtree(tmp)
+    except OSError as e:
+        error = f"cannot write checkpoint {path}: {e}"
+    gather_outcomes(error)  # no rank writes into tmp before it is empty
     try:
         try:
             dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
@@ -703,7 +707,7 @@ def write_checkpoint(path, model, optimizer, state, fsdp, keep):
             prune_checkpoints(os.path.dirname(path), state["step"], keep)
     except UserError as e:
         error = str(e)
-    except OSError as e:  # from prune_checkpoints
+    except OSError as e:  # save_checkpoint and save_sharded_checkpoint raise UserErrors: this is prune_checkpoints
         error = f"cannot remove an old checkpoint (--keep_checkpoints {keep}): {e}"
     gather_outcomes(error)
 
@@ -792,7 +796,7 @@ def trim_log(log_path, resume_step, evals_done=True):
     """
     if not os.path.exists(log_path):
         return
-    kept = [line + "\n" for line in read_log(log_path) if not after(log_record(line), resume_step, evals_done)]
+    kept = [line + "\n" for line in read_log(log_path) if not written_after(log_record(line), resume_step, evals_done)]
     with open(log_path + ".tmp", "w", errors="surrogateescape") as f:
         f.writelines(kept)
         f.flush()
@@ -800,7 +804,7 @@ def trim_log(log_path, resume_step, evals_done=True):
     os.replace(log_path + ".tmp", log_path)
 
 
-def after(record, step, evals_done):
+def written_after(record, step, evals_done):
     """Is a log record (step, kind) written after the checkpoint at `step`? (None, a line that is no record: no)"""
     return record is not None and (record[0] > step or (record[0] == step and (record[1] == "train" or not evals_done)))
 
@@ -809,7 +813,7 @@ def log_digest(log_path, step, evals_done):
     """A hash of the records before the checkpoint at `step`, the ones trim_log keeps. A checkpoint carries the
     digest of its run's log, so a log of the same run is told from another's that spans the same steps."""
     records = [line for line in read_log(log_path) if log_record(line)]
-    records = [line for line in records if not after(log_record(line), step, evals_done)]
+    records = [line for line in records if not written_after(log_record(line), step, evals_done)]
     return hashlib.sha256("\n".join(records).encode(errors="surrogateescape")).hexdigest()
 
 
@@ -841,8 +845,8 @@ def log_span(log_path):
 def resume_or_start(args, model, optimizer, scaler, train_loader, T, device_type, master, say):
     """Load the checkpoint to resume from (--resume), or make sure a fresh run overwrites nothing by accident.
 
-    Each rank decides from what it sees in --log_dir, and the ranks compare before anything is loaded together
-    or deleted: an error on any rank, or ranks that would start at different steps (a --log_dir that is not
+    Each rank plans from what it sees in --log_dir, and the ranks compare before anything is loaded together
+    or deleted: an error on any rank, or ranks that would start from different states (a --log_dir that is not
     shared), stop them all. Returns (start_step, evals_done, resumed). The log keeps the records before the start."""
     log_path = os.path.join(args.log_dir, "log.txt")
     error, plan = None, None
@@ -854,20 +858,28 @@ def resume_or_start(args, model, optimizer, scaler, train_loader, T, device_type
         error = str(e)
     except OSError as e:
         error = f"cannot write to --log_dir {args.log_dir}: {e.strerror or e}"
-    starts = gather_outcomes(error, plan and plan[0])
-    if len(set(starts)) > 1:
-        rank = next(r for r, s in enumerate(starts) if s != starts[0])
-        raise UserError(f"rank 0 starts at step {starts[0]} but rank {rank} at step {starts[rank]}: they see different "
-                        f"files in --log_dir {args.log_dir}; on several nodes it must be one shared folder")
-    start_step, evals_done, ckpt_path, remove, keep_log_to = plan
+    origins = gather_outcomes(error, plan and plan["origin"])
+    other = next((r for r, origin in enumerate(origins) if origin != origins[0]), None)
+    if other is not None:
+        s0, s1 = origins[0][0], origins[other][0]
+        how = f"starts at step {s0} but rank {other} at step {s1}" if s0 != s1 else \
+            f"and rank {other} start at step {s0} from different checkpoints"
+        raise UserError(f"rank 0 {how}: they see different files in --log_dir {args.log_dir}; on several nodes it "
+                        "must be one shared folder")
+    start_step, evals_done, ckpt_path = plan["step"], plan["evals_done"], plan["path"]
     if ckpt_path and args.fsdp:
         load_sharded_state(ckpt_path, model, optimizer)
-    if master:
-        for path in remove:
-            remove_checkpoint(path)
-        trim_log(log_path, keep_log_to, evals_done)
-        for tmp in glob.glob(os.path.join(glob.escape(args.log_dir), "model_*.tmp*")):
-            remove_checkpoint(tmp)  # half a checkpoint, left by a run killed while writing it
+    error = None
+    try:
+        if master:
+            for path in plan["remove"]:
+                remove_checkpoint(path)
+            trim_log(log_path, plan["keep_log_to"], evals_done)
+            for tmp in glob.glob(os.path.join(glob.escape(args.log_dir), "model_*.tmp*")):
+                remove_checkpoint(tmp)  # half a checkpoint, left by a run killed while writing it
+    except OSError as e:
+        error = f"cannot tidy --log_dir {args.log_dir}: {e}"
+    gather_outcomes(error)
     if ckpt_path:
         say(f"resuming from {ckpt_path} at step {start_step}" +
             (": the run is complete, nothing left to train" if start_step == args.max_steps else ""))
@@ -875,8 +887,9 @@ def resume_or_start(args, model, optimizer, scaler, train_loader, T, device_type
 
 
 def plan_start(args, model, optimizer, scaler, train_loader, T, device_type, say):
-    """resume_or_start's decision, on one rank: (start_step, evals_done, checkpoint path or None, checkpoints to
-    delete, last step of the log to keep). A checkpoint's plain state is loaded here, its FSDP shards later."""
+    """resume_or_start's decision, on one rank: {step, evals_done, path (of the checkpoint, or None), remove
+    (checkpoints to delete), keep_log_to (the log's last step to keep), origin (what the ranks compare)}.
+    A checkpoint's plain state is loaded here, its FSDP shards later."""
     span = log_span(os.path.join(args.log_dir, "log.txt"))
     ckpt, ckpt_path = None, None
     if args.resume == "auto":
@@ -895,7 +908,8 @@ def plan_start(args, model, optimizer, scaler, train_loader, T, device_type, say
                                 "none of its checkpoints: go on with --resume PATH (the checkpoint it started from, "
                                 "or one moved away), or start over with --overwrite")
             say(f"warning: {args.log_dir}/ holds no checkpoint yet: starting at step 0, the log starts over")
-        return 0, True, None, earlier, -1  # with --overwrite, its checkpoints go: they would pass for this run's
+        # with --overwrite, its checkpoints go: they would pass for this run's
+        return dict(step=0, evals_done=True, path=None, remove=earlier, keep_log_to=-1, origin=(0,))
     missing = ({"loader", "rng"} | ({"optimizer"} if not ckpt["sharded"] else set())) - set(ckpt)
     if missing:
         raise UserError(f"checkpoint {ckpt_path} has no {', '.join(sorted(missing))}: it can be evaluated "
@@ -938,14 +952,19 @@ def plan_start(args, model, optimizer, scaler, train_loader, T, device_type, say
         say(f"warning: the checkpoint's run evaluated {ckpt['val_rows']} val sequences, this one {val_rows} "
             "(--val_steps x --batch_size x processes): the val loss changes at the resume")
     if not args.fsdp:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:  # a checkpoint edited by hand, or broken
+            raise UserError(f"checkpoint {ckpt_path} does not fit its own config: {first_line(e)}")
     if ckpt.get("scaler"):  # an fp16 run's loss scale; a bf16 or fp32 checkpoint has none, and fp16 starts one
         scaler.load_state_dict(ckpt["scaler"])
     torch.set_rng_state(ckpt["rng"]["cpu"])
     if device_type == "cuda" and "cuda" in ckpt["rng"]:
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-    return start_step, evals_done, ckpt_path, later, -1 if foreign else start_step
+    origin = (start_step, ckpt.get("log_digest"), repr(ckpt["loader"]))  # the same checkpoint on every rank
+    return dict(step=start_step, evals_done=evals_done, path=ckpt_path, remove=later,
+                keep_log_to=-1 if foreign else start_step, origin=origin)
 
 
 # dense bf16 tensor-core peak of common cards (V100, T4: fp16), for MFU; the first name contained in the card's wins

@@ -273,6 +273,16 @@ def test_fsdp_stopped_and_killed_mid_checkpoint_resumes_to_the_uninterrupted_run
 # -----------------------------------------------------------------------------
 # SIGTERM: finish the step, save, exit 0; the checkpoint is the one a scheduled checkpoint would be
 
+def test_a_checkpoint_that_does_not_fit_its_config_is_one_line(tmp_path, reference):
+    ckpt = torch.load(os.path.join(reference, "model_00002.pt"), weights_only=True)
+    ckpt["model"]["transformer.h.0.mlp.c_fc.weight"] = torch.zeros(3, 3)  # edited by hand, say
+    (tmp_path / "away").mkdir()
+    torch.save(ckpt, tmp_path / "away" / "model_00002.pt")
+    r = train(FAULT + ["--log_dir", str(tmp_path / "log"), "--resume", str(tmp_path / "away" / "model_00002.pt")])
+    assert r.returncode == 1 and r.stderr.startswith(f"error: checkpoint {tmp_path}/away/model_00002.pt does not fit "
+                                                     "its own config: ") and r.stderr.count("\n") == 1, r.stderr
+
+
 def test_sigterm_saves_after_the_step_and_resumes_exactly(tmp_path, reference):
     log_dir = str(tmp_path / "log")
     ref_log = log_text(reference)
@@ -287,7 +297,17 @@ def test_sigterm_saves_after_the_step_and_resumes_exactly(tmp_path, reference):
     assert log_text(log_dir) == ref_log[:ref_log.index("\n8 val")] + "\n"
     ours, regular = checkpoint(log_dir, 8), checkpoint(reference, 8)
     assert ours.pop("evals_done") is False and regular.pop("evals_done") is True
+    # the records it follows: the log up to step 7 (the regular one's also holds step 8's evaluations)
+    assert ours.pop("log_digest") == train_gpt2.log_digest(os.path.join(log_dir, "log.txt"), 8, False)
+    assert regular.pop("log_digest") == train_gpt2.log_digest(os.path.join(reference, "log.txt"), 8, True)
     assert same_state(ours, regular)  # model, optimizer, loader, RNG: the state a scheduled checkpoint holds
+    # moved away, it continues its run from the folder's log, which ends before its step
+    moved, away = tmp_path / "moved", tmp_path / "away"
+    shutil.copytree(log_dir, moved)
+    away.mkdir()
+    shutil.move(str(moved / "model_00008.pt"), away)
+    ok(train(FAULT + ["--log_dir", str(moved), "--resume", str(away / "model_00008.pt")]))
+    assert log_text(str(moved)) == ref_log
     r = ok(train(FAULT + ["--log_dir", log_dir, "--resume", "auto"]))
     assert "resuming from" in r.stdout and "validation loss" in r.stdout.split("step     8 |")[0]  # step 8's evals
     assert log_text(log_dir) == ref_log
@@ -323,26 +343,36 @@ def test_a_dead_or_hung_rank_ends_the_job(tmp_path, fault):
 
 
 def test_ranks_that_see_different_log_dirs_stop_before_anything_changes(tmp_path, reference):
-    """Two nodes without a shared --log_dir: rank 0 finds a checkpoint, rank 1 none. Both stop with the same
-    line before loading or deleting anything, rather than train on from two different states."""
+    """Two nodes without a shared --log_dir: rank 0 finds a checkpoint, rank 1 none, or one of another run. Both
+    stop with the same line before loading or deleting anything, rather than train on from two different states."""
     seen = {0: tmp_path / "node0", 1: tmp_path / "node1"}
     seen[0].mkdir(), seen[1].mkdir()
     shutil.copy(os.path.join(reference, "model_00004.pt"), seen[0])
     records_to_4 = "".join(line + "\n" for line in log_text(reference).splitlines() if int(line.split()[0]) < 4)
     (seen[0] / "log.txt").write_text(records_to_4)
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
-    ranks = []
-    for rank in (0, 1):
-        (tmp_path / f"rank{rank}").mkdir()
-        cmd = [sys.executable, "train_gpt2.py", *FAULT, "--log_dir", str(seen[rank]), "--resume", "auto",
-               "--dist_timeout", "30"]
-        ranks.append(Run(cmd, str(tmp_path / f"rank{rank}"), dict(env, RANK=str(rank), LOCAL_RANK=str(rank))))
-    assert [run.wait(timeout=120) for run in ranks] == [1, 1]
-    for rank, run in enumerate(ranks):
-        assert run.output()[1] == (f"error: rank 0 starts at step 4 but rank 1 at step 0: they see different files "
-                                   f"in --log_dir {seen[rank]}; on several nodes it must be one shared folder\n")
+
+    def launch():
+        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
+        ranks = []
+        for rank in (0, 1):
+            (tmp_path / f"rank{rank}").mkdir(exist_ok=True)
+            cmd = [sys.executable, "train_gpt2.py", *FAULT, "--log_dir", str(seen[rank]), "--resume", "auto",
+                   "--dist_timeout", "30"]
+            ranks.append(Run(cmd, str(tmp_path / f"rank{rank}"), dict(env, RANK=str(rank), LOCAL_RANK=str(rank))))
+        assert [run.wait(timeout=120) for run in ranks] == [1, 1]
+        return [run.output()[1] for run in ranks]
+
+    for rank, err in enumerate(launch()):
+        assert err == (f"error: rank 0 starts at step 4 but rank 1 at step 0: they see different files in --log_dir "
+                       f"{seen[rank]}; on several nodes it must be one shared folder\n")
     assert sorted(os.listdir(seen[0])) == ["log.txt", "model_00004.pt"] and log_text(seen[0]) == records_to_4
     assert os.listdir(seen[1]) == []
+    # both see a checkpoint at step 4, but of two runs (the records they followed differ)
+    (seen[1] / "log.txt").write_text(records_to_4)
+    ckpt = torch.load(seen[0] / "model_00004.pt", weights_only=True)
+    torch.save({**ckpt, "log_digest": "another run's"}, seen[1] / "model_00004.pt")
+    assert launch()[0] == (f"error: rank 0 and rank 1 start at step 4 from different checkpoints: they see different "
+                           f"files in --log_dir {seen[0]}; on several nodes it must be one shared folder\n")
 
 
 # -----------------------------------------------------------------------------
