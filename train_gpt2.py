@@ -8,8 +8,8 @@ Train GPT-2 from scratch, as in the lecture "Let's reproduce GPT-2 (124M)".
         --total_batch_size 1024 --max_steps 200 --warmup_steps 20 --max_lr 3e-3 --eval_every 50 --val_steps 4 \\
         --sample_every 50 --hellaswag_every 0 --log_dir log_shakespeare          # a laptop CPU (README)
 
-The file reads top to bottom: the model (and its opt-in speed options), the data loader, the training loop,
-then main().
+The file reads top to bottom: the model (and its opt-in speed options), the data loader, the training loop's
+pieces, checkpoints and resume, the command line, then main().
 `python train_gpt2.py --help` lists every flag; the defaults are the lecture's recipe.
 """
 import argparse
@@ -486,7 +486,7 @@ class DataLoader:
 
 
 # -----------------------------------------------------------------------------
-# The training loop's pieces: learning rate, one optimizer step, evaluation, sampling, checkpoints
+# The training loop's pieces: learning rate, one optimizer step, evaluation, sampling, MFU
 
 def get_lr(step, max_lr, min_lr, warmup_steps, max_steps):
     """Linear warmup, then cosine decay from max_lr to min_lr at max_steps."""
@@ -580,6 +580,22 @@ def generate(model, tokens, num_samples, length, device, generator, amp, vocab_l
     return x.tolist()
 
 
+# dense bf16 tensor-core peak of common cards (V100, T4: fp16), for MFU; the first name contained in the card's wins
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
+                   "L40": 181e12, "A10": 125e12, "L4": 121e12, "4090": 165e12, "3090": 71e12, "V100": 125e12,
+                   "T4": 65e12}
+
+
+def peak_flops(device_type):
+    if device_type != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints and resume: atomic writes, sharded (FSDP) checkpoints, and what --resume continues from
+
 CHECKPOINT_NAME = re.compile(r"model_(\d+)\.(pt|dcp)$")  # .dcp: a folder of FSDP shards
 
 
@@ -642,23 +658,6 @@ def load_checkpoint(path):
     if not sharded:  # compiled and DDP-wrapped models prefix their parameter names
         ckpt["model"] = {re.sub(r"^((_orig_mod|module)\.)+", "", k): v for k, v in ckpt["model"].items()}
     return ckpt
-
-
-def shard_model(model, amp_dtype):
-    """FSDP2: every block's weights are split over the ranks and gathered only while that block runs.
-
-    The numerics are those of DDP with autocast: the sharded master weights and AdamW state are fp32 and
-    gradients are reduced in fp32; the blocks' matmul weights are gathered in the autocast dtype (autocast
-    would cast them anyway), while the residual stream, the embeddings and the LayerNorms stay fp32."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    fp32 = MixedPrecisionPolicy(reduce_dtype=torch.float32)
-    low = MixedPrecisionPolicy(param_dtype=None if amp_dtype == torch.float32 else amp_dtype,
-                               reduce_dtype=torch.float32, cast_forward_inputs=False)
-    for block in model.transformer.h:
-        for norm in (block.ln_1, block.ln_2):  # their own units, so their weights stay fp32; tiny, so kept gathered
-            fully_shard(norm, mp_policy=fp32, reshard_after_forward=False)
-        fully_shard(block, mp_policy=low)
-    fully_shard(model, mp_policy=fp32)  # the root: embeddings (tied to lm_head) and ln_f
 
 
 def save_sharded_checkpoint(path, model, optimizer, meta):
@@ -967,21 +966,8 @@ def plan_start(args, model, optimizer, scaler, train_loader, T, device_type, say
                 keep_log_to=-1 if foreign else start_step, origin=origin)
 
 
-# dense bf16 tensor-core peak of common cards (V100, T4: fp16), for MFU; the first name contained in the card's wins
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
-                   "L40": 181e12, "A10": 125e12, "L4": 121e12, "4090": 165e12, "3090": 71e12, "V100": 125e12,
-                   "T4": 65e12}
-
-
-def peak_flops(device_type):
-    if device_type != "cuda":
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-
-
 # -----------------------------------------------------------------------------
-# Command line: the defaults are the lecture's recipe for GPT-2 (124M) on 10B tokens
+# Command line and setup (devices, FSDP, FP8, autocast): the defaults are the lecture's recipe for GPT-2 (124M)
 
 def usage_error(message):
     exit_with(f"error: {message} (see --help)")  # argparse's error, in one line rather than the usage text
@@ -1194,6 +1180,23 @@ def setup_device(device_arg, timeout=600):
         raise UserError(f"rank {rank} of {world} cannot join the process group at {os.environ['MASTER_ADDR']}:"
                         f"{os.environ['MASTER_PORT']}: {first_line(e)}")
     return rank, local_rank, world, device_arg
+
+
+def shard_model(model, amp_dtype):
+    """FSDP2: every block's weights are split over the ranks and gathered only while that block runs.
+
+    The numerics are those of DDP with autocast: the sharded master weights and AdamW state are fp32 and
+    gradients are reduced in fp32; the blocks' matmul weights are gathered in the autocast dtype (autocast
+    would cast them anyway), while the residual stream, the embeddings and the LayerNorms stay fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    fp32 = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+    low = MixedPrecisionPolicy(param_dtype=None if amp_dtype == torch.float32 else amp_dtype,
+                               reduce_dtype=torch.float32, cast_forward_inputs=False)
+    for block in model.transformer.h:
+        for norm in (block.ln_1, block.ln_2):  # their own units, so their weights stay fp32; tiny, so kept gathered
+            fully_shard(norm, mp_policy=fp32, reshard_after_forward=False)
+        fully_shard(block, mp_policy=low)
+    fully_shard(model, mp_policy=fp32)  # the root: embeddings (tied to lm_head) and ln_f
 
 
 def enable_fp8(model, rows, device):
