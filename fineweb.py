@@ -536,7 +536,8 @@ def tokenize(args, ds, manifest):
                 hi = int(min(len(tokens), lo + left))
                 writer.add(tokens, ends, first_doc, {"task": t, "doc": first_doc}, lo, hi)
                 left -= hi - lo
-                docs += len(ends)
+                if hi > lo:  # the documents with tokens in [lo, hi): --max_tokens or a resume writes part of a task
+                    docs += min(int(np.count_nonzero(ends < hi)) + 1, len(ends)) - int(np.count_nonzero(ends <= lo))
                 bar.update(hi - lo)
                 bar.set_postfix_str(f"{docs / max(time.time() - t0, 1e-9):,.0f} docs/s", refresh=False)
                 return left <= 0

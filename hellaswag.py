@@ -159,7 +159,7 @@ def render_example(example, enc=None):
         end = enc.encode_ordinary(" " + ending)  # the space belongs to the ending: GPT-2's tokens start with it
         tokens.append(ctx + end)
         mask.append([0] * len(ctx) + [1] * len(end))
-    return tokens, mask, example["label"]
+    return tokens, mask, int(example["label"])  # the hub parquet holds it as a string
 
 
 # Rows are right-padded to a multiple of 32 tokens (attention is causal, so padding after a row cannot
@@ -205,13 +205,15 @@ def score_endings(model, examples, device, amp=contextlib.nullcontext(), batch_s
     stops with the others. Example i is number first + stride * i of the whole set, as errors name it.
     """
     enc = gpt2_tokenizer()
+    config = getattr(model, "config", None)  # ours has block_size, transformers' n_positions
+    limit = getattr(config, "block_size", None) or getattr(config, "n_positions", None) or 1 << 30
     rows = []  # (example, ending, tokens, mask)
     for i, ex in enumerate(examples):
         tokens, mask, _ = render_example(ex, enc)
         rows += [(i, j, t, m) for j, (t, m) in enumerate(zip(tokens, mask))]
-    config = getattr(model, "config", None)  # ours has block_size, transformers' n_positions
-    limit = getattr(config, "block_size", None) or getattr(config, "n_positions", None) or 1 << 30
-    too_long = [(i, len(t)) for i, _, t, _ in rows if len(t) > limit]
+    too_long = [(i, sum(m)) for i, _, _, m in rows if sum(m) >= limit]  # an ending needs a token before it
+    # a row longer than the model's context loses its first context tokens (never for GPT-2's 1024)
+    rows = [(i, j, t[-limit:], m[-limit:]) for i, j, t, m in rows]
     if sync_ranks:  # all ranks stop, not only the one holding the example
         anywhere = torch.tensor(len(too_long), device=device)
         dist.all_reduce(anywhere)
@@ -219,8 +221,8 @@ def score_endings(model, examples, device, amp=contextlib.nullcontext(), batch_s
             raise UserError("a HellaSwag example on another rank is longer than the model's context: see its error")
     if too_long:
         i, n = too_long[0]
-        raise UserError(f"HellaSwag example {first + stride * i} (counting from 0) is {n} tokens long with an ending, "
-                        f"more than the model's context of {limit}")
+        raise UserError(f"HellaSwag example {first + stride * i} (counting from 0) has an ending of {n} tokens, "
+                        f"more than the model's context of {limit} can score")
     on_cuda = str(device).startswith("cuda")
     if batch_size is None:
         # a GPU wants big batches (32: 3.9 s per full pass on an H200, 16: 4.6 s); on a CPU they only
@@ -234,7 +236,8 @@ def score_endings(model, examples, device, amp=contextlib.nullcontext(), batch_s
         most = torch.tensor(len(batches), device=device)
         dist.all_reduce(most, op=dist.ReduceOp.MAX)
         batches += [[]] * (int(most) - len(batches))
-    for batch in tqdm(batches, desc="hellaswag", disable=not progress, leave=False):
+    # the finished bar stays, with its newline: with stderr and stdout in one file, the result is its own last line
+    for batch in tqdm(batches, desc="hellaswag", disable=not progress):
         if not batch:  # a forward only to keep in step with the other ranks
             forward_logits(model, torch.zeros(batch_rows or 4, PAD_TO, dtype=torch.long, device=device), amp)
             continue

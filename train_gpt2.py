@@ -636,6 +636,9 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(meta, map_location="cpu", weights_only=True)
     except Exception as e:
+        if "Weights only load failed" in str(e):  # such as the lecture's own checkpoints, with their GPTConfig
+            raise UserError(f"checkpoint {path} holds pickled Python objects, which torch.load(weights_only=True) "
+                            "refuses: it was not written by this train_gpt2.py")
         raise UserError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__})")
     needs = {"config", "step"} if sharded else {"model", "config", "step"}
     if not isinstance(ckpt, dict) or not needs <= set(ckpt) or not isinstance(ckpt.get("model", {}), dict):
@@ -1381,12 +1384,13 @@ def main(argv=None):
         dt = now - t0
         tok_per_sec = args.total_batch_size / dt
         extra = f" | mfu {100 * flops_per_gpu_step / dt / peak:.1f}%" if peak else ""
+        extra += " | mfu n/a" if device_type == "cuda" and not peak else ""  # a card missing from PEAK_BF16_FLOPS
         if eta_from:  # the wall time per step so far, evaluations and checkpoints included
             eta = (args.max_steps - step - 1) * (now - eta_from[0]) / (step - eta_from[1])
             extra += f" | eta {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m"
         eta_from = eta_from or (now, step)
         say(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {dt * 1000:.2f}ms | "
-            f"tok/sec {tok_per_sec:,.0f}{extra}")
+            f"tok/sec {tok_per_sec:.2f}{extra}")
         log(f"{step} train {loss:.6f}")
 
     if dist.is_initialized():

@@ -16,6 +16,7 @@ import torch
 
 import fineweb
 from helpers import FAST, ROOT, ok, save_tiny_hf_gpt2, train, write_shards
+from train_gpt2 import GPTConfig
 
 
 def hella_row(ctx, label=0):
@@ -39,6 +40,7 @@ def d(tmp_path_factory):
     ckpt = torch.load(str(d / "run" / "model_00001.pt"), weights_only=True)
     torch.save({**ckpt, "config": {**ckpt["config"], "n_embd": 64}}, str(d / "misfit.pt"))
     torch.save({**ckpt, "config": {**ckpt["config"], "n_head": 3}}, str(d / "headless.pt"))  # 32 / 3 heads
+    torch.save({**ckpt, "config": GPTConfig(**ckpt["config"])}, str(d / "lecture.pt"))  # the lecture's: pickled
     save_tiny_hf_gpt2(str(d / "hf_vocab_1000"), vocab_size=1000)
     torch.save({k: ckpt[k] for k in ("model", "config", "step")}, str(d / "minimal.pt"))  # evaluable only
     (d / "oor").mkdir()
@@ -150,6 +152,8 @@ CASES = [
     ("hellaswag.py", ["-c", "{d}/foreign.pt", "--data", "{d}/hella.jsonl"], "not a checkpoint of train_gpt2.py"),
     ("hellaswag.py", ["-c", "{d}/misfit.pt", "--data", "{d}/hella.jsonl"], "does not fit its own config"),
     ("hellaswag.py", ["-c", "{d}/headless.pt", "--data", "{d}/hella.jsonl"], "does not fit its own config"),
+    ("hellaswag.py", ["-c", "{d}/lecture.pt", "--data", "{d}/hella.jsonl"],
+     "{d}/lecture.pt holds pickled Python objects, which torch.load(weights_only=True) refuses"),
     ("hellaswag.py", ["-m", "{d}/hf_vocab_1000", "--data", "{d}/hella.jsonl"],
      "{d}/hf_vocab_1000 has a vocabulary of 1000 tokens: scoring GPT-2 tokens needs 50257 or more"),
     ("hellaswag.py", ["-c", "{d}/run/model_00001.pt", "--data", "{d}/bad_hella.jsonl"], "'label' must be 0, 1, 2 or 3"),

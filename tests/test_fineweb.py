@@ -8,6 +8,7 @@ import glob
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -211,6 +212,8 @@ def test_an_empty_file_and_a_first_run_that_failed(corpus, reference_run, tmp_pa
 def test_max_tokens_then_extend(corpus, reference_run, tmp_path, capsys):
     assert run(corpus, tmp_path, "--max_tokens", "25e3") == 0
     np.testing.assert_array_equal(all_tokens(tmp_path), corpus["tokens"][:25_000])
+    out = capsys.readouterr().out  # the documents this run wrote, which the folder holds: not all it tokenized
+    assert re.search(r"from ([\d,]+) documents", out).group(1) == re.search(r"tokens, ([\d,]+) documents in", out).group(1)
     assert [len(np.load(f)) for f in shard_files(tmp_path)] == [SHARD, SHARD, 5_000]
     # the same command again: nothing to do, nothing rewritten
     stamps = {f: os.stat(f).st_mtime_ns for f in shard_files(tmp_path)}
@@ -391,9 +394,11 @@ def test_kill_and_resume(corpus, reference_run, tmp_path, mode, n):
     result = run_script(args)
     assert result.returncode == 0, result.stderr
     assert folder_bytes(out) == folder_bytes(reference_run)
-    # the rerun tokenized only the documents from the resumed row group on
+    # the rerun wrote the documents from where the kept shards end on (that one too, unless they hold it whole)
     resumed = int(result.stdout.split(" documents")[0].split()[-1].replace(",", ""))
-    assert resumed == len(corpus["docs"]) - kept[-1]["resume"]["doc"]
+    end_doc, carry = kept[-1]["end"]
+    whole = carry == 1 + len(tiktoken.get_encoding("gpt2").encode_ordinary(corpus["docs"][end_doc] or ""))
+    assert resumed == len(corpus["docs"]) - end_doc - whole
 
 
 @pytest.mark.parametrize("where", ["write", "fsync"])

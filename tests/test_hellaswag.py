@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import tiktoken
 import torch
+from torch.nn import functional as F
 
 import hellaswag
 import train_gpt2
@@ -435,17 +436,31 @@ def test_cli_scores_checkpoint_and_hf_folder(tmp_path, hf_dir, capsys):
     assert capsys.readouterr().out.splitlines()[-1] == f"hellaswag: n=13 acc={acc:.4f} acc_norm={acc_norm:.4f}"
 
 
-def test_an_example_too_long_for_the_model_stops_every_rank(tmp_path, hf_dir):
+def test_a_context_longer_than_the_model_is_cut_from_the_left(hf_dir):
+    model = GPT.from_pretrained(hf_dir).eval()
+    long = dict(EXAMPLES[1], ctx="word " * 200)
+    sums, counts = hellaswag.score_endings(model, [long], "cpu")
+    tokens, mask, _ = hellaswag.render_example(long)
+    assert len(tokens[0]) > 200 and model.config.block_size == 128
+    with torch.no_grad():
+        for j in range(4):
+            t, m = torch.tensor(tokens[j][-128:]), torch.tensor(mask[j][-128:], dtype=torch.bool)
+            logits, _ = model(t[None])
+            losses = F.cross_entropy(logits[0, :-1, :50257], t[1:], reduction="none")[m[1:]]
+            assert counts[0, j] == m[1:].sum() and abs(sums[0, j] - losses.sum()) < 1e-3
+
+
+def test_an_ending_too_long_for_the_model_stops_every_rank(tmp_path, hf_dir):
     """Under torchrun the example sits on rank 1: both ranks end with one line, rank 1's naming the example."""
-    examples = EXAMPLES[:1] + [dict(EXAMPLES[1], ctx="word " * 200)] + EXAMPLES[2:4]
+    examples = EXAMPLES[:1] + [dict(EXAMPLES[1], endings=["word " * 200] * 4)] + EXAMPLES[2:4]
     data = write_jsonl(tmp_path / "val.jsonl", examples)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "hellaswag.py", "-m", hf_dir, "--data", data, "--device", "cpu"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     errors = sorted(line for line in proc.stderr.splitlines() if line.startswith("error:"))
-    assert len(errors) == 2 and re.fullmatch(r"error: HellaSwag example 1 \(counting from 0\) is 2\d\d tokens long "
-                                             r"with an ending, more than the model's context of 128", errors[0])
+    assert len(errors) == 2 and re.fullmatch(r"error: HellaSwag example 1 \(counting from 0\) has an ending of 2\d\d "
+                                             r"tokens, more than the model's context of 128 can score", errors[0])
     assert errors[1] == "error: a HellaSwag example on another rank is longer than the model's context: see its error"
 
 
