@@ -814,8 +814,8 @@ def written_after(record, step, evals_done):
 def log_digest(log_path, step, evals_done):
     """A hash of the records before the checkpoint at `step`, the ones trim_log keeps. A checkpoint carries the
     digest of its run's log, so a log of the same run is told from another's that spans the same steps."""
-    records = [line for line in read_log(log_path) if log_record(line)]
-    records = [line for line in records if not written_after(log_record(line), step, evals_done)]
+    records = [line for line in read_log(log_path)
+               if (record := log_record(line)) and not written_after(record, step, evals_done)]
     return hashlib.sha256("\n".join(records).encode(errors="surrogateescape")).hexdigest()
 
 
@@ -933,12 +933,12 @@ def plan_start(args, model, optimizer, scaler, train_loader, T, device_type, say
     found = list_checkpoints(args.log_dir)
     outside = os.path.realpath(os.path.dirname(os.path.normpath(ckpt_path))) != os.path.realpath(args.log_dir)
     followed = log_digest(os.path.join(args.log_dir, "log.txt"), start_step, evals_done)
-    branch = followed == NO_RECORDS and not any(s <= start_step for s, _ in found)
+    own_earlier = any(s <= start_step for s, _ in found)
     if "log_digest" in ckpt:
-        same_run = followed == ckpt["log_digest"] or branch
+        same_run = followed == ckpt["log_digest"] or (followed == NO_RECORDS and not own_earlier)
     else:
         first, last, _ = span or (start_step, start_step, None)
-        same_run = first <= start_step <= last and not any(s <= start_step for s, _ in found)
+        same_run = first <= start_step <= last and not own_earlier
     foreign = outside and not same_run
     if foreign and not args.overwrite:
         raise UserError(f"{args.log_dir}/ holds another run: to go on from {ckpt_path} there, replace it with "
@@ -1097,8 +1097,8 @@ def memory_plan(config, B, T, world, amp_bytes, activation_checkpointing, loss_c
     weights and grads of the block at work and the next, in the autocast dtype, and of the root, embeddings
     and ln_f, in fp32). Activations follow Korthikanti et al. 2022 with flash attention: 34 B T d bytes per
     layer at 2 bytes per value; with activation checkpointing only each block's input (the fp32 residual
-    stream) stays, and one block is recomputed at a time. The
-    chunked loss holds one chunk's logits, and the fp32 grads of the lm_head's input and weight.
+    stream) stays, and one block is recomputed at a time. The chunked loss holds one chunk's logits, and the
+    fp32 grads of the lm_head's input and weight.
     """
     N, d, L = param_count(config), config.n_embd, config.n_layer
     block = block_params(d)
@@ -1383,8 +1383,8 @@ def main(argv=None):
         now = time.time()
         dt = now - t0
         tok_per_sec = args.total_batch_size / dt
-        extra = f" | mfu {100 * flops_per_gpu_step / dt / peak:.1f}%" if peak else ""
-        extra += " | mfu n/a" if device_type == "cuda" and not peak else ""  # a card missing from PEAK_BF16_FLOPS
+        mfu = f"{100 * flops_per_gpu_step / dt / peak:.1f}%" if peak else "n/a"  # n/a: a card missing from the table
+        extra = f" | mfu {mfu}" if device_type == "cuda" else ""
         if eta_from:  # the wall time per step so far, evaluations and checkpoints included
             eta = (args.max_steps - step - 1) * (now - eta_from[0]) / (step - eta_from[1])
             extra += f" | eta {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m"
