@@ -3,9 +3,9 @@
 # its summary, and the bench prints each variant as it finishes, so a run cut short still leaves what ran.
 # All of it ends within $BUDGET seconds (default 540): the bench gets all but the last $TRAIN_CAP (150).
 #   1. bench/train_speed.py at B=64, T=1024, most important first: the lecture's step, ours (the trainer's
-#      defaults), the chunked loss, FP8, cuDNN attention, the lecture's step again (the spread from run to
-#      run), the levers combined, max-autotune, pageable batches
-#   2. train_gpt2.py, 124M, compiled, bf16, --loss_chunk_rows 8192, with val loss, HellaSwag, sampling and a
+#      defaults: the chunked loss), the full logits, FP8, cuDNN attention, the lecture's step again (the
+#      spread from run to run), pageable batches, CUDA graphs, max-autotune (slowest to compile, so last)
+#   2. train_gpt2.py, 124M, compiled, bf16, its defaults, with val loss, HellaSwag, sampling and a
 #      checkpoint every 10 steps: it runs, and compiles a bounded number of times (TORCH_LOGS=recompiles)
 # Needs the GPT-2 BPE files in $TIKTOKEN_CACHE_DIR (tools/offline_tokenizer.py) when offline.
 # SMOKE=1 runs the same stages on the CPU at toy sizes, to check this script before spending GPU time.
@@ -19,7 +19,7 @@ END=$((SECONDS + BUDGET))
 mkdir -p "$OUT"
 DATA=$(mktemp -d)
 LOGDIR=$(mktemp -d)
-VARIANTS=(ours chunked chunked+fp8 fp8 chunked+cudnn baseline chunked+fp8+cudnn chunked+autotune chunked+unpinned)
+VARIANTS=(ours plain ours+fp8 plain+fp8 ours+cudnn baseline ours+unpinned ours+cudagraphs ours+autotune)
 if [ "$SMOKE" = 1 ]; then
     SIZE=(--batch_size 2 --seq_len 64 --device cpu)
     BENCH=(--total_batch_size 256 --steps 2 --warmup 1 --no_compile --n_layer 2 --n_head 2 --n_embd 64)
@@ -51,11 +51,11 @@ timeout $((END - TRAIN_CAP - SECONDS)) python3 bench/train_speed.py --baseline -
     "${SIZE[@]}" "${BENCH[@]}" > "$OUT/train_speed.log" 2>&1
 echo "exit $? (124: cut at the time limit)"; grep -v "^ *losses" "$OUT/train_speed.log"
 
-echo "== 2. compiled training with the chunked loss and evaluations in the loop"
+echo "== 2. compiled training with the trainer's defaults and evaluations in the loop"
 left=$((END - SECONDS))
 TORCH_LOGS=recompiles timeout $((left > 10 ? left : 10)) python3 train_gpt2.py --data "$DATA" --max_steps 20 \
     --eval_every 10 --val_steps 5 --hellaswag_data "$DATA/hellaswag.jsonl" --sample_every 10 --checkpoint_every 10 \
-    --loss_chunk_rows 8192 --log_dir "$LOGDIR" "${SIZE[@]}" "${TRAIN[@]}" > "$OUT/train.log" 2>&1
+    --log_dir "$LOGDIR" "${SIZE[@]}" "${TRAIN[@]}" > "$OUT/train.log" 2>&1
 echo "exit $?"; grep -v "^step" "$OUT/train.log" | grep -v "^rank" | tail -20; grep "^step" "$OUT/train.log" | tail -3
 echo "recompiles: $(grep -c -i 'recompil' "$OUT/train.log")"; cp "$LOGDIR/log.txt" "$OUT/train_records.txt"
 ls -la "$LOGDIR" | tail -4

@@ -2,7 +2,7 @@
 
     python bench/train_speed.py                                  # train_step: GPT-2 124M, B=64, T=1024
     python bench/train_speed.py --baseline                       # the lecture's step first, then ours, and the ratio
-    python bench/train_speed.py --baseline --variants ours chunked chunked+fp8 baseline
+    python bench/train_speed.py --baseline --variants ours plain ours+fp8 baseline
     python bench/train_speed.py --data edu_fineweb10B            # real shards instead of random tokens
 
 Every variant builds the same model from the same seed and reads the same batches through
@@ -29,10 +29,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_gpt2 as tg  # noqa: E402
 
 # A variant is "baseline" (the lecture's step), or "ours" (train_step with the trainer's defaults) with
-# levers added by "+": "chunked+fp8" is ours with the chunked loss and FP8 matmuls
+# levers added by "+": "plain+fp8" is ours with the full logits and FP8 matmuls
 LEVERS = {
     "ours": dict(),
-    "chunked": dict(chunk=8192),                          # --loss_chunk_rows 8192
+    "plain": dict(chunk=0),                               # --loss_chunk_rows 0: the full logits, as the lecture
+    "chunked": dict(chunk=8192),                          # --loss_chunk_rows 8192 ("chunked16384": 16384 rows)
     "fp8": dict(fp8=True),                                # --fp8: the blocks' matmuls in FP8
     "unpinned": dict(pin=False),                          # batches from pageable memory: what pinning gives
     "cudnn": dict(sdpa="CUDNN_ATTENTION"),                # attention by cuDNN instead of flash
@@ -45,13 +46,18 @@ def variant(name):
     """The lever settings of a variant name; anything not set is the trainer's default."""
     if name == "baseline":
         return dict(lecture=True, pin=False)
-    unknown = [lever for lever in name.split("+") if lever not in LEVERS]
+
+    def chunk_rows(lever):  # "chunked16384": the chunked loss at 16384 rows
+        n = lever[len("chunked"):]
+        return int(n) if lever.startswith("chunked") and n.isdigit() and int(n) > 0 else None
+
+    unknown = [lever for lever in name.split("+") if lever not in LEVERS and not chunk_rows(lever)]
     if unknown:
         raise ValueError(f"unknown lever {unknown[0]!r} in {name!r}: use 'baseline', or levers of "
-                         f"{', '.join(LEVERS)} joined by '+'")
+                         f"{', '.join(LEVERS)}, chunkedN (N rows) joined by '+'")
     settings = {}
     for lever in name.split("+"):
-        settings.update(LEVERS[lever])
+        settings.update(LEVERS[lever] if lever in LEVERS else dict(chunk=chunk_rows(lever)))
     return settings
 
 

@@ -7,7 +7,7 @@ from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import FAST, ok, records, train
-from train_gpt2 import GPT, GPTConfig, chunked_cross_entropy
+from train_gpt2 import GPT, GPTConfig, chunked_cross_entropy, parse_args
 
 N, C, V = 96, 24, 500  # rows, width, vocabulary
 
@@ -109,13 +109,17 @@ def test_compiled_equals_eager():
 
 
 def test_training_with_the_flag_logs_the_same_losses(tmp_path):
+    """The trainer's default is the chunked loss; 0 is the lecture's full logits."""
+    assert parse_args([]).loss_chunk_rows == 8192
     runs = {}
-    for rows in (0, 50):  # 4 x 32 = 128 rows per micro-batch: chunks of 50, 50, 28
+    for rows in (0, 50, None):  # 4 x 32 = 128 rows per micro-batch: chunks of 50, 50, 28; None: the default
         log_dir = tmp_path / f"rows{rows}"
+        flag = [] if rows is None else ["--loss_chunk_rows", str(rows)]
         ok(train(FAST + ["--max_steps", "6", "--eval_every", "3", "--val_steps", "2", "--log_dir", str(log_dir),
-                         "--loss_chunk_rows", str(rows)]))
+                         *flag]))
         runs[rows] = records(log_dir)
-    assert [(s, k) for s, k, _ in runs[0]] == [(s, k) for s, k, _ in runs[50]]
     assert len(runs[0]) == 6 + 3  # train losses of steps 0-5, val losses at 0, 3 and 6
-    for (_, _, a), (_, _, b) in zip(runs[0], runs[50]):
-        assert abs(a - b) < 1e-4
+    for chunked in (runs[50], runs[None]):
+        assert [(s, k) for s, k, _ in runs[0]] == [(s, k) for s, k, _ in chunked]
+        for (_, _, a), (_, _, b) in zip(runs[0], chunked):
+            assert abs(a - b) < 1e-4

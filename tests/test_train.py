@@ -49,7 +49,9 @@ def test_two_ddp_ranks_equal_one_process(tmp_path):
         assert abs(a[2] - b[2]) < 1e-5, (a, b)
     w1 = torch.load(str(tmp_path / "one" / "model_00006.pt"), weights_only=True)["model"]
     w2 = torch.load(str(tmp_path / "two" / "model_00006.pt"), weights_only=True)["model"]
-    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
+    # at max_lr 1e-2, AdamW turns rounding in the tiny gradients of the embedding rows of tokens never seen
+    # into differences of ~1e-5 (plain or chunked loss alike); ranks training apart would differ by ~max_lr
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 5e-5
 
 
 RESUME = FAST + ["--max_steps", "24", "--eval_every", "4", "--val_steps", "2", "--checkpoint_every", "6",
