@@ -264,7 +264,8 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
             if want_grads:
                 # d(loss sum)/d(logits), not yet divided by n: in fp16, small probabilities divided by n
                 # would underflow
-                g = (logits - lse).exp().scatter_add(1, tc, torch.full_like(lse, -1.0)).to(dtype)
+                # in place: logits are a fresh fp32 tensor, done with once the loss is summed
+                g = logits.sub_(lse).exp_().scatter_add_(1, tc, torch.full_like(lse, -1.0)).to(dtype)
                 grad_x[i:i + rows] = g @ w
                 grad_w += g.t() @ xc
         if want_grads:
