@@ -46,18 +46,16 @@ def variant(name):
     """The lever settings of a variant name; anything not set is the trainer's default."""
     if name == "baseline":
         return dict(lecture=True, pin=False)
-
-    def chunk_rows(lever):  # "chunked16384": the chunked loss at 16384 rows
-        n = lever[len("chunked"):]
-        return int(n) if lever.startswith("chunked") and n.isdigit() and int(n) > 0 else None
-
-    unknown = [lever for lever in name.split("+") if lever not in LEVERS and not chunk_rows(lever)]
-    if unknown:
-        raise ValueError(f"unknown lever {unknown[0]!r} in {name!r}: use 'baseline', or levers of "
-                         f"{', '.join(LEVERS)}, chunkedN (N rows) joined by '+'")
     settings = {}
     for lever in name.split("+"):
-        settings.update(LEVERS[lever] if lever in LEVERS else dict(chunk=chunk_rows(lever)))
+        rows = lever[len("chunked"):]  # "chunked16384": the chunked loss at 16384 rows
+        if lever in LEVERS:
+            settings.update(LEVERS[lever])
+        elif lever.startswith("chunked") and rows.isdigit() and int(rows) > 0:
+            settings["chunk"] = int(rows)
+        else:
+            raise ValueError(f"unknown lever {lever!r} in {name!r}: use 'baseline', or levers of "
+                             f"{', '.join(LEVERS)}, chunkedN (N rows) joined by '+'")
     return settings
 
 
