@@ -25,6 +25,7 @@ import gzip
 import io
 import json
 import multiprocessing as mp
+import multiprocessing.connection
 import os
 import re
 import signal
@@ -32,7 +33,7 @@ import sys
 import threading
 import time
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import xxhash  # a dependency of datasets
@@ -205,6 +206,82 @@ def init_worker(ds):
     if sys.platform == "linux":  # die with the main process, even by kill -9: else a worker blocks for ever on a
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # full result pipe (1 = PR_SET_PDEATHSIG)
     _worker["ds"] = ds
+
+
+def serve(conn, ds):
+    """Worker: run each (function, args) that comes down the pipe, send back (True, result) or (False, error)."""
+    init_worker(ds)
+    while True:
+        try:
+            fn, args = conn.recv()
+        except EOFError:  # the main process is gone
+            return
+        try:
+            reply = True, fn(*args)
+        except Exception as e:  # as one line: an exception may not pickle
+            reply = False, one_line(e)
+        conn.send(reply)
+
+
+WORKER_DIED = "a worker process died (killed, or out of memory?)"
+
+
+class Workers:
+    """Worker processes, each fed through a pipe of its own that only the main thread reads.
+    Not ProcessPoolExecutor or multiprocessing.Pool: a helper thread of theirs reads the results, and a
+    worker stopped while it sends one (Ctrl-C, --max_tokens) leaves that thread waiting for ever for the
+    rest, which hangs the exit. Here stopping is only: kill the workers, close the pipes."""
+
+    def __init__(self, n, start_method, ds):
+        ctx = mp.get_context(start_method)
+        self.sent, self.replies, self.jobs, self.procs = {}, {}, 0, []  # sent: pipe -> its jobs, oldest first
+        try:
+            for _ in range(n):
+                ours, theirs = ctx.Pipe()
+                self.procs.append(ctx.Process(target=serve, args=(theirs, ds), daemon=True))
+                self.procs[-1].start()
+                theirs.close()
+                self.sent[ours] = deque()
+        except BaseException:
+            self.close()
+            raise
+
+    def submit(self, fn, *args):
+        """Queue a call on the least busy worker; returns the job number to pass to result()."""
+        conn = min(self.sent, key=lambda c: len(self.sent[c]))
+        job, self.jobs = self.jobs, self.jobs + 1
+        try:
+            conn.send((fn, args))  # a few bytes: never blocks on a worker that is busy sending
+            self.sent[conn].append(job)
+        except OSError:  # that worker is gone
+            self.replies[job] = False, WORKER_DIED
+        return job
+
+    def result(self, job):
+        """The job's result, or RuntimeError with the worker's one-line error. Meanwhile every reply
+        that is ready is taken in, so no worker waits on its pipe for long."""
+        while job not in self.replies:
+            for conn in mp.connection.wait([c for c, jobs in self.sent.items() if jobs]):
+                try:
+                    reply = conn.recv()
+                except (EOFError, OSError):
+                    reply = False, WORKER_DIED
+                self.replies[self.sent[conn].popleft()] = reply
+        ok, value = self.replies.pop(job)
+        if not ok:
+            raise RuntimeError(value)
+        return value
+
+    def close(self):
+        """Stop at once, whatever the workers are doing (a worker stalled on the network must not hold up
+        a stop). SIGKILL, not SIGTERM: a SIGTERM that lands while a new worker still has the main process's
+        handler can be lost, and then join() waited for ever."""
+        for proc in self.procs:
+            proc.kill()
+        for conn in self.sent:
+            conn.close()
+        for proc in self.procs:
+            proc.join()
 
 
 def file_part(f):
@@ -498,17 +575,15 @@ def tokenize(args, ds, manifest):
     written = sum(e["tokens"] for e in kept)
     left = args.max_tokens - written if args.max_tokens else float("inf")
     docs, t0 = 0, time.time()
-    # not multiprocessing.Pool: its terminate() kills workers that may hold the result queue's lock
-    # (big results), which can hang the shutdown; this executor lets running tasks finish instead
-    pool = ProcessPoolExecutor(args.workers, mp.get_context(args.start_method), init_worker, (ds,))
+    pool = Workers(args.workers, args.start_method, ds)
     try:
-        # reads each parquet footer, in parallel (and starts the workers, before any thread)
+        # reads each parquet footer, in parallel (the workers started before any thread: fork copies one)
         groups = [pool.submit(count_groups, f) for f in range(ds.num_shards)]
-        for f, future in enumerate(groups):
+        for f, job in enumerate(groups):
             try:
-                groups[f] = future.result()
-            except Exception as e:
-                fail(f"cannot read {file_label(manifest['source'], f)}: {one_line(e)}")
+                groups[f] = pool.result(job)
+            except RuntimeError as e:
+                fail(f"cannot read {file_label(manifest['source'], f)}: {e}")
         if manifest.setdefault("row_groups", groups) != groups:
             fail("the source's files or row groups changed since the kept shards were written; use a fresh --out_dir")
         per_task = manifest.setdefault("groups_per_task", GROUPS_PER_TASK)  # the plan a resume continues
@@ -520,11 +595,11 @@ def tokenize(args, ds, manifest):
             def take(t, job):
                 nonlocal tail, left, docs, doc
                 try:
-                    tokens, ends = job.result()
-                except Exception as e:
+                    tokens, ends = pool.result(job)
+                except RuntimeError as e:
                     f, runs, i = tasks[t]
                     part = f" (part {i + 1} of {runs})" if runs > 1 else ""
-                    fail(f"cannot read or tokenize {file_label(manifest['source'], f)}{part}: {one_line(e)}")
+                    fail(f"cannot read or tokenize {file_label(manifest['source'], f)}{part}: {e}")
                 first_doc, doc, lo = doc, doc + len(ends), 0
                 if tail is not None:  # the resumed task: skip what the kept shards hold
                     j = end_doc - first_doc
@@ -559,12 +634,7 @@ def tokenize(args, ds, manifest):
             finally:
                 writer.discard()  # a shard left unfinished by an error or an interrupt
     finally:
-        # queued tasks are dropped, running ones ended: a worker stalled on the network must not hold up an
-        # interrupt (and a second Ctrl-C during a waiting shutdown left the pool hung)
-        pool.shutdown(wait=False, cancel_futures=True)
-        for worker in mp.active_children():
-            worker.terminate()
-            worker.join()
+        pool.close()  # queued and running tasks are dropped
     if not manifest["shards"]:
         fail("the source holds no documents")
     manifest.update(complete=True, stopped="max_tokens" if stopped else "end of data")
@@ -621,15 +691,19 @@ def main(argv=None):
     ds = open_source(source)
     manifest, done = prepare(args.out_dir, prefix, source, args)
     if not done:
+        handlers = {}
         try:
             if threading.current_thread() is threading.main_thread():
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    signal.signal(sig, interrupt)
+                handlers = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
             tokens, docs, seconds = tokenize(args, ds, manifest)
         except KeyboardInterrupt:
             print(f"\ninterrupted: {len(manifest['shards'])} finished shards kept in {args.out_dir}; "
                   "rerun the same command to resume", file=sys.stderr)
             return 130
+        finally:  # a caller in this process (a notebook, the bench) gets its own handlers back; cli() keeps
+            for sig, handler in handlers.items():  # ignoring a second Ctrl-C until the process has exited
+                if handler not in (None, interrupt):  # None: set outside Python, cannot be put back
+                    signal.signal(sig, handler)
         print(f"this run: {tokens:,} tokens from {docs:,} documents in {seconds:.1f}s "
               f"({tokens / max(seconds, 1e-9) / 1e6:.2f}M tokens/s, {args.workers} workers)")
     shards = manifest["shards"]
@@ -641,9 +715,16 @@ def main(argv=None):
     return 0
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """The command line: Ctrl-C or SIGTERM stops cleanly from the first moment, with exit code 130."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, interrupt)
     try:
-        sys.exit(main())
+        return main(argv)
     except KeyboardInterrupt:  # before any shard was started
         print("\ninterrupted", file=sys.stderr)
-        sys.exit(130)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
