@@ -224,6 +224,7 @@ def serve(conn, ds):
 
 
 WORKER_DIED = "a worker process died (killed, or out of memory?)"
+MAX_QUEUED = 64  # jobs sent to one worker and not yet answered
 
 
 class Workers:
@@ -249,28 +250,34 @@ class Workers:
     def submit(self, fn, *args):
         """Queue a call on the least busy worker; returns the job number to pass to result()."""
         conn = min(self.sent, key=lambda c: len(self.sent[c]))
+        while len(self.sent[conn]) >= MAX_QUEUED:  # else both of its pipes could fill (thousands of files)
+            self.take_replies()
+            conn = min(self.sent, key=lambda c: len(self.sent[c]))
         job, self.jobs = self.jobs, self.jobs + 1
         try:
-            conn.send((fn, args))  # a few bytes: never blocks on a worker that is busy sending
+            conn.send((fn, args))
             self.sent[conn].append(job)
         except OSError:  # that worker is gone
             self.replies[job] = False, WORKER_DIED
         return job
 
     def result(self, job):
-        """The job's result, or RuntimeError with the worker's one-line error. Meanwhile every reply
-        that is ready is taken in, so no worker waits on its pipe for long."""
+        """The job's result, or RuntimeError with the worker's one-line error."""
         while job not in self.replies:
-            for conn in mp.connection.wait([c for c, jobs in self.sent.items() if jobs]):
-                try:
-                    reply = conn.recv()
-                except (EOFError, OSError):
-                    reply = False, WORKER_DIED
-                self.replies[self.sent[conn].popleft()] = reply
+            self.take_replies()
         ok, value = self.replies.pop(job)
         if not ok:
             raise RuntimeError(value)
         return value
+
+    def take_replies(self):
+        """Wait for replies, and take in every one that is ready, so no worker waits on its pipe for long."""
+        for conn in mp.connection.wait([c for c, jobs in self.sent.items() if jobs]):
+            try:
+                reply = conn.recv()
+            except (EOFError, OSError):
+                reply = False, WORKER_DIED
+            self.replies[self.sent[conn].popleft()] = reply
 
     def close(self):
         """Stop at once, whatever the workers are doing (a worker stalled on the network must not hold up

@@ -444,7 +444,9 @@ def test_workers_results_errors_and_a_dead_worker():
         pool.close()
     assert not any(p.is_alive() for p in pool.procs)
     pool = fineweb.Workers(1, "fork", None)
-    try:
+    try:  # more jobs than its pipes hold both ways (a footer per file of thousands): submit waits, no deadlock
+        jobs = [pool.submit(abs, -i) for i in range(20_000)]
+        assert [pool.result(job) for job in jobs] == list(range(20_000))
         with pytest.raises(RuntimeError, match="a worker process died"):
             pool.result(pool.submit(os._exit, 3))
         with pytest.raises(RuntimeError, match="a worker process died"):  # a job sent to a worker that is gone
