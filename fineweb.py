@@ -584,7 +584,7 @@ def tokenize(args, ds, manifest):
     docs, t0 = 0, time.time()
     pool = Workers(args.workers, args.start_method, ds)
     try:
-        # reads each parquet footer, in parallel (the workers started before any thread: fork copies one)
+        # reads each parquet footer, in parallel (the workers were forked before any thread started)
         groups = [pool.submit(count_groups, f) for f in range(ds.num_shards)]
         for f, job in enumerate(groups):
             try:
@@ -676,9 +676,12 @@ def verify(out_dir):
     return 0
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; kill, a stopped container or a preempted box
+
+
 def interrupt(signum, frame):
     """SIGTERM (a stopped or preempted box) ends as cleanly as Ctrl-C; a second one waits for that cleanup."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     raise KeyboardInterrupt
 
@@ -701,7 +704,7 @@ def main(argv=None):
         handlers = {}
         try:
             if threading.current_thread() is threading.main_thread():
-                handlers = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+                handlers = {sig: signal.signal(sig, interrupt) for sig in STOP_SIGNALS}
             tokens, docs, seconds = tokenize(args, ds, manifest)
         except KeyboardInterrupt:
             print(f"\ninterrupted: {len(manifest['shards'])} finished shards kept in {args.out_dir}; "
@@ -724,7 +727,7 @@ def main(argv=None):
 
 def cli(argv=None):
     """The command line: Ctrl-C or SIGTERM stops cleanly from the first moment, with exit code 130."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, interrupt)
     try:
         return main(argv)
