@@ -427,6 +427,13 @@ def test_full_disk(corpus, reference_run, tmp_path, monkeypatch, where):
 
 # ----------------------------------------------------------------------------- the worker processes
 
+def run_with_fineweb(tmp_path, code):
+    """code as a script of its own, with fineweb imported: a hang or an exit it causes stays out of pytest."""
+    script = tmp_path / "script.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {ROOT!r})\nimport fineweb\n{code}")
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+
+
 def test_workers_results_errors_and_a_dead_worker():
     """Results come back whatever order they are asked for in; a worker's exception is one line; a worker
     that dies (as by the OOM killer) is an error, not a wait for ever."""
@@ -458,18 +465,14 @@ def test_workers_results_errors_and_a_dead_worker():
 def test_workers_stop_while_sending(tmp_path):
     """Workers stopped in the middle of sending results (Ctrl-C or --max_tokens while tasks run) leave
     nothing waiting: the process exits at once. (ProcessPoolExecutor's result thread hung the exit here.)"""
-    script = tmp_path / "stop.py"
-    script.write_text(f"""import sys, time
+    result = run_with_fineweb(tmp_path, """import time
 import numpy as np
-sys.path.insert(0, {ROOT!r})
-import fineweb
 pool = fineweb.Workers(2, "fork", None)
 jobs = [pool.submit(np.ones, 50_000_000, np.uint16) for _ in range(4)]  # 100 MB each, far more than a pipe holds
 time.sleep(1)  # both workers are blocked part way through sending: nobody reads their pipes
 pool.close()
 print("closed")
 """)
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout == "closed\n", result.stderr
 
 
@@ -477,17 +480,13 @@ def test_workers_stopped_as_they_start(tmp_path):
     """A pool stopped right after it starts (a bad first file, an early Ctrl-C), while the main process has
     its Ctrl-C/SIGTERM handler, which a new worker holds until it sets its own: no worker runs that handler
     (a traceback each) or outlives the stop (join() waited for ever)."""
-    script = tmp_path / "start_stop.py"
-    script.write_text(f"""import signal, sys
-sys.path.insert(0, {ROOT!r})
-import fineweb
-for sig in (signal.SIGINT, signal.SIGTERM):
+    result = run_with_fineweb(tmp_path, """import signal
+for sig in fineweb.STOP_SIGNALS:
     signal.signal(sig, fineweb.interrupt)
 for _ in range(100):
     fineweb.Workers(2, "fork", None).close()
 print("closed")
 """)
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout == "closed\n" and result.stderr == "", result.stderr
 
 
@@ -495,7 +494,7 @@ def test_the_callers_signal_handlers_come_back(corpus, tmp_path):
     """fineweb.main in a caller's process (a notebook, a bench) hands back its Ctrl-C and SIGTERM handlers:
     left installed, they ignored every later Ctrl-C, and a forked pool's workers survived SIGTERM."""
     def handlers():
-        return [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+        return [signal.getsignal(s) for s in fineweb.STOP_SIGNALS]
     before = handlers()
     assert run(corpus, tmp_path, "--max_tokens", "25000") == 0  # stops while tasks run
     assert handlers() == before
