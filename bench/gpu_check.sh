@@ -5,7 +5,8 @@
 #   1. bench/train_speed.py at B=64, T=1024, what is still unmeasured first: the lecture's step, ours (the
 #      trainer's defaults: the chunked loss), the full logits, CUDA graphs, max-autotune (slow to compile),
 #      the lecture's step again (the spread from run to run), then the levers one H200 already measured
-#      (bench/RESULTS.md): FP8, cuDNN attention, pageable batches, FP8 with the full logits
+#      (bench/RESULTS.md): FP8, cuDNN attention, pageable batches, FP8 with the full logits. Each variant then
+#      profiles one step: what share of the step the kernels fill, and their time by kind (--profile)
 #   2. train_gpt2.py, 124M, compiled, bf16, its defaults, with val loss, HellaSwag, sampling and a
 #      checkpoint every 10 steps: it runs, and compiles a bounded number of times (TORCH_LOGS=recompiles)
 # Needs the GPT-2 BPE files in $TIKTOKEN_CACHE_DIR (tools/offline_tokenizer.py) when offline.
@@ -23,11 +24,11 @@ LOGDIR=$(mktemp -d)
 VARIANTS=(ours plain ours+cudagraphs ours+autotune baseline ours+fp8 ours+cudnn ours+unpinned plain+fp8)
 if [ "$SMOKE" = 1 ]; then
     SIZE=(--batch_size 2 --seq_len 64 --device cpu)
-    BENCH=(--total_batch_size 256 --steps 2 --warmup 1 --no_compile --n_layer 2 --n_head 2 --n_embd 64)
+    BENCH=(--total_batch_size 256 --steps 2 --warmup 1 --profile 3 --no_compile --n_layer 2 --n_head 2 --n_embd 64)
     TRAIN=(--total_batch_size 256 --n_layer 2 --n_head 2 --n_embd 64 --compile off --hellaswag_every 0)
 else
     SIZE=()
-    BENCH=(--steps 6 --warmup 2)
+    BENCH=(--steps 6 --warmup 2 --profile 8)
     TRAIN=(--total_batch_size 131072 --hellaswag_every 10)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 fi
@@ -50,7 +51,7 @@ PY
 echo "== 1. the training step against the lecture's"
 timeout $((END - TRAIN_CAP - SECONDS)) python3 bench/train_speed.py --baseline --variants "${VARIANTS[@]}" \
     "${SIZE[@]}" "${BENCH[@]}" > "$OUT/train_speed.log" 2>&1
-echo "exit $? (124: cut at the time limit)"; grep -v "^ *losses" "$OUT/train_speed.log"
+echo "exit $? (124: cut at the time limit)"; grep -v "^ *losses\|^USDT\|^STAGE:" "$OUT/train_speed.log"
 
 echo "== 2. compiled training with the trainer's defaults and evaluations in the loop"
 left=$((END - SECONDS))

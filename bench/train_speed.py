@@ -14,6 +14,11 @@ it by "+" (see LEVERS). A name may come twice: the second run of the first varia
 from run to run. Each line gives ms/step, tok/s, model
 TFLOP/s (6N + 12 L d T per token), MFU against the card's bf16 peak, and peak memory allocated
 (reserved); the last column is the speed against the first variant.
+
+--profile K runs one more step of each variant under torch.profiler and says where the time goes: how
+much of the timed step the kernels fill (the rest is the GPU waiting for the host), their time by kind
+(matmuls, attention, kernels fused by torch.compile, the optimizer, the rest) and the K longest. On the
+CPU the same accounting is of aten ops (the profiler slows them, so their share can pass 100% there).
 """
 import argparse
 import contextlib
@@ -39,6 +44,15 @@ LEVERS = {
     "cudnn": dict(sdpa="CUDNN_ATTENTION"),                # attention by cuDNN instead of flash
     "autotune": dict(mode="max-autotune-no-cudagraphs"),  # --compile_mode
     "cudagraphs": dict(mode="max-autotune"),
+}
+
+# kinds of kernel for --profile, by name: CUDA kernels (cuBLAS, flash or cuDNN attention, Triton, fused AdamW;
+# triton_tem: max-autotune's matmul templates), or aten ops on the CPU; the first kind that matches wins
+KERNEL_KINDS = {
+    "attention": ("flash", "fmha", "attention", "sdpa"),
+    "matmul": ("gemm", "xmma", "nvjet", "cutlass", "scaled_mm", "triton_tem", "aten::mm", "aten::addmm", "aten::bmm"),
+    "optimizer": ("adam", "multi_tensor"),
+    "fused by compile": ("triton",),
 }
 
 
@@ -84,8 +98,42 @@ def lecture_step(model, optimizer, loader, grad_accum_steps, lr, amp, device):
     return loss_accum, norm
 
 
+def profile_step(step, device_type):
+    """[(name, microseconds, calls)] of the kernels (on the CPU: aten ops) of one call of step(), longest first."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+    events = prof.key_averages()
+    if device_type == "cuda":  # the kernels themselves, not the CPU ops that launched them (counted twice)
+        rows = [(e.key, e.self_device_time_total, e.count) for e in events if e.device_type != DeviceType.CPU]
+    else:
+        rows = [(e.key, e.self_cpu_time_total, e.count) for e in events]
+    return sorted([r for r in rows if r[1] > 0], key=lambda r: -r[1])
+
+
+def kernel_kind(name):
+    lower = name.lower()
+    return next((kind for kind, parts in KERNEL_KINDS.items() if any(p in lower for p in parts)), "other")
+
+
+def profile_report(name, kernels, dt, top):
+    """Lines saying where a step's time went: the kernels' share of the timed step, by kind, and the longest."""
+    total = sum(us for _, us, _ in kernels)
+    by_kind = {kind: 0 for kind in [*KERNEL_KINDS, "other"]}
+    for key, us, _ in kernels:
+        by_kind[kernel_kind(key)] += us
+    lines = [f"{name} profile: kernels {total / 1e3:.1f} ms of the {dt * 1e3:.1f} ms step ({total / 1e4 / dt:.0f}%): "
+             + " | ".join(f"{kind} {100 * us / total:.1f}%" for kind, us in by_kind.items())]
+    lines += [f"    {100 * us / total:5.1f}% {us / 1e3:8.1f} ms {calls:6d}x  {key[:100]}"
+              for key, us, calls in kernels[:top]]
+    return lines
+
+
 def measure(name, args, shards, device):
-    """Seconds per step, peak memory (allocated, reserved) and the loss of every step of one variant."""
+    """Seconds per step, peak memory (allocated, reserved), the loss of every step and the FLOPs per token of
+    one variant, and with --profile the kernels of one more step."""
     lever, defaults = variant(name), tg.parse_args([])
     device_type = device.split(":")[0]
     torch._dynamo.reset()  # each variant compiles afresh, with its own settings
@@ -124,8 +172,9 @@ def measure(name, args, shards, device):
         losses += [step() for _ in range(args.steps)]
         sync()
         dt = (time.perf_counter() - t0) / args.steps
+        kernels = profile_step(step, device_type) if args.profile else None
     mem = (torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()) if device_type == "cuda" else None
-    return dt, mem, losses, tg.flops_per_token(model.config, T)
+    return dt, mem, losses, tg.flops_per_token(model.config, T), kernels
 
 
 def main():
@@ -148,15 +197,19 @@ def main():
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--no_compile", dest="compile", action="store_false")
+    p.add_argument("--profile", type=int, default=0, metavar="K",
+                   help="profile one more step of each variant: time by kind of kernel, and the K longest kernels")
     args = p.parse_args()
     for name in args.variants:
         try:
             variant(name)
         except ValueError as e:
             p.error(str(e))
-    for name in ("batch_size", "seq_len", "total_batch_size", "steps", "warmup", "n_layer", "n_head", "n_embd"):
-        if getattr(args, name) is not None and getattr(args, name) < (name != "warmup"):
-            p.error(f"--{name} must be " + ("0 or more" if name == "warmup" else "positive"))
+    for name in ("batch_size", "seq_len", "total_batch_size", "steps", "warmup", "profile", "n_layer", "n_head",
+                 "n_embd"):
+        at_least = 0 if name in ("warmup", "profile") else 1
+        if getattr(args, name) is not None and getattr(args, name) < at_least:
+            p.error(f"--{name} must be " + ("0 or more" if at_least == 0 else "positive"))
     try:  # what every variant shares, checked once: one line here rather than a failure per variant
         args.device = tg.setup_device(args.device)[3]
         config = model_config(args)
@@ -187,7 +240,7 @@ def main():
     first, width = None, max(map(len, args.variants))
     for name in args.variants:
         try:
-            dt, mem, losses, flops = measure(name, args, shards, args.device)
+            dt, mem, losses, flops, kernels = measure(name, args, shards, args.device)
         except Exception as e:  # one failing lever must not cost the others' figures
             print(f"{name:{width}s} failed: {type(e).__name__}: {tg.first_line(e)[:200]}",
                   flush=True)
@@ -204,6 +257,8 @@ def main():
         print(f"{name:{width}s} {dt * 1000:8.1f} ms/step {tok_s:11,.0f} tok/s {flops * tok_s / 1e12:6.1f} TFLOP/s "
               f"MFU {mfu}  mem {memory}  |dloss| {diff:.4f}  {tok_s / first[0]:.3f}x", flush=True)
         print(f"{'':{width}s} losses {' '.join(f'{x:.4f}' for x in losses)}", flush=True)
+        if kernels:
+            print("\n".join(profile_report(name, kernels, dt, args.profile)), flush=True)
 
 
 if __name__ == "__main__":

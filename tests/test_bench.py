@@ -1,8 +1,9 @@
 """bench/train_speed.py runs on the CPU at toy sizes, and its variants train the same numbers."""
+import os
 import re
 import sys
 
-from helpers import run_script
+from helpers import ROOT, run_script
 
 
 def test_train_speed_bench_compares_variants_on_the_same_batches():
@@ -18,3 +19,37 @@ def test_train_speed_bench_compares_variants_on_the_same_batches():
     assert all(float(diff) < 1e-4 for _, diff, _ in rows), r.stdout
     losses = re.findall(r"^ +losses (.*)$", r.stdout, re.M)
     assert len(losses) == 4 and all(len(line.split()) == 2 for line in losses)
+
+
+def test_train_speed_bench_profile_says_where_the_step_time_goes():
+    r = run_script([sys.executable, "bench/train_speed.py", "--variants", "ours", "plain", "--profile", "3",
+                    "--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--batch_size", "2", "--seq_len", "32",
+                    "--total_batch_size", "128", "--steps", "1", "--warmup", "1", "--no_compile", "--device", "cpu",
+                    "--dtype", "fp32"])
+    assert r.returncode == 0, r.stderr
+    reports = re.findall(r"^(\S+) profile: kernels (\S+) ms of the (\S+) ms step \(\d+%\): (.*)\n"
+                         r"((?: +\S+% +\S+ ms +\d+x  .*\n){3})", r.stdout, re.M)
+    assert [name for name, *_ in reports] == ["ours", "plain"], r.stdout
+    for _, total, _, kinds, longest in reports:
+        shares = dict((kind, float(share)) for kind, share in re.findall(r"(\w[a-z ]*) (\S+)%", kinds))
+        assert list(shares) == ["attention", "matmul", "optimizer", "fused by compile", "other"]
+        assert abs(sum(shares.values()) - 100) < 0.5 and shares["matmul"] > 0 and shares["attention"] > 0
+        assert shares["fused by compile"] == 0  # nothing is compiled
+        top = [float(x) for x in re.findall(r"^ +(\S+)%", longest, re.M)]
+        assert top == sorted(top, reverse=True) and float(total) > 0
+
+
+def test_kernel_kinds_of_cuda_kernel_names():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from train_speed import kernel_kind
+    names = {
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off":
+        "matmul", "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN": "matmul",
+        "triton_tem_fused_mm_3": "matmul",
+        "void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits>": "attention",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x128_4x1x1_kernel0_0": "attention",
+        "triton_per_fused__to_copy_add_native_layer_norm_0": "fused by compile",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>": "optimizer",
+        "Memcpy HtoD (Pinned -> Device)": "other",
+    }
+    assert {name: kernel_kind(name) for name in names} == names
