@@ -46,14 +46,14 @@ LEVERS = {
     "cudagraphs": dict(mode="max-autotune"),
 }
 
-# kinds of kernel for --profile, by name: CUDA kernels (cuBLAS, flash or cuDNN attention, Triton, fused AdamW;
-# triton_tem: max-autotune's matmul templates), or aten ops on the CPU; the first kind that matches wins
+# kinds of kernel for --profile, by name: CUDA kernels (cuBLAS, flash or cuDNN attention, fused AdamW), or aten ops
+# on the CPU; the first kind that matches wins. Inductor's Triton kernels are told apart first (kernel_kind)
 KERNEL_KINDS = {
     "attention": ("flash", "fmha", "attention", "sdpa"),
-    "matmul": ("gemm", "xmma", "nvjet", "cutlass", "scaled_mm", "triton_tem", "aten::mm", "aten::addmm", "aten::bmm"),
+    "matmul": ("gemm", "xmma", "nvjet", "cutlass", "scaled_mm", "aten::mm", "aten::addmm", "aten::bmm"),
     "optimizer": ("adam", "multi_tensor"),
-    "fused by compile": ("triton",),
 }
+KINDS = [*KERNEL_KINDS, "fused by compile", "other"]
 
 
 def variant(name):
@@ -115,13 +115,15 @@ def profile_step(step, device_type):
 
 def kernel_kind(name):
     lower = name.lower()
+    if lower.startswith("triton_"):  # max-autotune's matmul templates, or ops fused (named after the ops they hold)
+        return "matmul" if lower.startswith("triton_tem") else "fused by compile"
     return next((kind for kind, parts in KERNEL_KINDS.items() if any(p in lower for p in parts)), "other")
 
 
 def profile_report(name, kernels, dt, top):
     """Lines saying where a step's time went: the kernels' share of the timed step, by kind, and the longest."""
     total = sum(us for _, us, _ in kernels)
-    by_kind = {kind: 0 for kind in [*KERNEL_KINDS, "other"]}
+    by_kind = dict.fromkeys(KINDS, 0)
     for key, us, _ in kernels:
         by_kind[kernel_kind(key)] += us
     lines = [f"{name} profile: kernels {total / 1e3:.1f} ms of the {dt * 1e3:.1f} ms step ({total / 1e4 / dt:.0f}%): "

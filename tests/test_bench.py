@@ -49,6 +49,7 @@ def test_kernel_kinds_of_cuda_kernel_names():
         "void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits>": "attention",
         "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x128_4x1x1_kernel0_0": "attention",
         "triton_per_fused__to_copy_add_native_layer_norm_0": "fused by compile",
+        "triton_poi_fused__scaled_dot_product_flash_attention_transpose_view_3": "fused by compile",
         "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>": "optimizer",
         "Memcpy HtoD (Pinned -> Device)": "other",
     }
