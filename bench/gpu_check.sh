@@ -3,7 +3,8 @@
 # its summary, and the bench prints each variant as it finishes, so a run cut short still leaves what ran.
 # All of it ends within $BUDGET seconds (default 540): the bench gets all but the last $TRAIN_CAP (150).
 #   1. bench/train_speed.py at B=64, T=1024, what is still unmeasured first: the lecture's step, ours (the
-#      trainer's defaults: the chunked loss), the full logits, CUDA graphs, max-autotune (slow to compile),
+#      trainer's defaults: the chunked loss), the full logits, inductor's coordinate-descent tuning, CUDA graphs
+#      and max-autotune (both slow to compile: they autotune the matmuls),
 #      the lecture's step again (the spread from run to run), then the levers one H200 already measured
 #      (bench/RESULTS.md): FP8, cuDNN attention, pageable batches, FP8 with the full logits. Each variant then
 #      profiles one step: what share of the step the kernels fill, and their time by kind (--profile)
@@ -21,7 +22,7 @@ END=$((SECONDS + BUDGET))
 mkdir -p "$OUT"
 DATA=$(mktemp -d)
 LOGDIR=$(mktemp -d)
-VARIANTS=(ours plain ours+cudagraphs ours+autotune baseline ours+fp8 ours+cudnn ours+unpinned plain+fp8)
+VARIANTS=(ours plain ours+coordtune ours+cudagraphs ours+autotune baseline ours+fp8 ours+cudnn ours+unpinned plain+fp8)
 if [ "$SMOKE" = 1 ]; then
     SIZE=(--batch_size 2 --seq_len 64 --device cpu)
     BENCH=(--total_batch_size 256 --steps 2 --warmup 1 --profile 3 --no_compile --n_layer 2 --n_head 2 --n_embd 64)

@@ -44,6 +44,7 @@ LEVERS = {
     "cudnn": dict(sdpa="CUDNN_ATTENTION"),                # attention by cuDNN instead of flash
     "autotune": dict(mode="max-autotune-no-cudagraphs"),  # --compile_mode
     "cudagraphs": dict(mode="max-autotune"),
+    "coordtune": dict(inductor={"coordinate_descent_tuning": True}),  # inductor tunes its Triton kernels' tiles
 }
 
 # kinds of kernel for --profile, by name: CUDA kernels (cuBLAS, flash or cuDNN attention, fused AdamW), or aten ops
@@ -167,7 +168,7 @@ def measure(name, args, shards, device):
             loss, _ = tg.train_step(compiled, optimizer, loader, accum, 6e-4, amp, scaler, 1.0, device)
         return loss.item()  # one host sync per step, as both loops do
 
-    with sdpa:
+    with sdpa, torch._inductor.config.patch(lever.get("inductor", {})):  # compilation is in the first step
         losses = [step() for _ in range(args.warmup)]  # compilation and allocator warm-up
         sync()
         t0 = time.perf_counter()
