@@ -124,6 +124,8 @@ def kernel_kind(name):
 def profile_report(name, kernels, dt, top):
     """Lines saying where a step's time went: the kernels' share of the timed step, by kind, and the longest."""
     total = sum(us for _, us, _ in kernels)
+    if not total:
+        return [f"{name} profile: the profiler recorded no kernels"]
     by_kind = dict.fromkeys(KINDS, 0)
     for key, us, _ in kernels:
         by_kind[kernel_kind(key)] += us
@@ -136,7 +138,7 @@ def profile_report(name, kernels, dt, top):
 
 def measure(name, args, shards, device):
     """Seconds per step, peak memory (allocated, reserved), the loss of every step and the FLOPs per token of
-    one variant, and with --profile the kernels of one more step."""
+    one variant, and with --profile the lines of profile_report on one more step."""
     lever, defaults = variant(name), tg.parse_args([])
     device_type = device.split(":")[0]
     torch._dynamo.reset()  # each variant compiles afresh, with its own settings
@@ -175,9 +177,14 @@ def measure(name, args, shards, device):
         losses += [step() for _ in range(args.steps)]
         sync()
         dt = (time.perf_counter() - t0) / args.steps
-        kernels = profile_step(step, device_type) if args.profile else None
+        report = []
+        if args.profile:
+            try:
+                report = profile_report(name, profile_step(step, device_type), dt, args.profile)
+            except Exception as e:  # the profiler's failure must not cost the timing above
+                report = [f"{name} profile failed: {type(e).__name__}: {tg.first_line(e)[:200]}"]
     mem = (torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()) if device_type == "cuda" else None
-    return dt, mem, losses, tg.flops_per_token(model.config, T), kernels
+    return dt, mem, losses, tg.flops_per_token(model.config, T), report
 
 
 def main():
@@ -243,7 +250,7 @@ def main():
     first, width = None, max(map(len, args.variants))
     for name in args.variants:
         try:
-            dt, mem, losses, flops, kernels = measure(name, args, shards, args.device)
+            dt, mem, losses, flops, report = measure(name, args, shards, args.device)
         except Exception as e:  # one failing lever must not cost the others' figures
             print(f"{name:{width}s} failed: {type(e).__name__}: {tg.first_line(e)[:200]}",
                   flush=True)
@@ -260,8 +267,8 @@ def main():
         print(f"{name:{width}s} {dt * 1000:8.1f} ms/step {tok_s:11,.0f} tok/s {flops * tok_s / 1e12:6.1f} TFLOP/s "
               f"MFU {mfu}  mem {memory}  |dloss| {diff:.4f}  {tok_s / first[0]:.3f}x", flush=True)
         print(f"{'':{width}s} losses {' '.join(f'{x:.4f}' for x in losses)}", flush=True)
-        if kernels:
-            print("\n".join(profile_report(name, kernels, dt, args.profile)), flush=True)
+        for line in report:
+            print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -54,3 +54,21 @@ def test_kernel_kinds_of_cuda_kernel_names():
         "Memcpy HtoD (Pinned -> Device)": "other",
     }
     assert {name: kernel_kind(name) for name in names} == names
+
+
+def test_a_failing_profiler_costs_the_variant_its_report_only(monkeypatch):
+    import argparse
+
+    import numpy as np
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import train_speed
+
+    def broken(step, device_type):
+        raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED\nmore")
+    monkeypatch.setattr(train_speed, "profile_step", broken)
+    args = argparse.Namespace(model="gpt2", n_layer=1, n_head=2, n_embd=32, batch_size=2, seq_len=16,
+                              total_batch_size=32, dtype="fp32", compile=False, warmup=0, steps=1, profile=3)
+    shards = [np.random.default_rng(0).integers(0, 50257, 1000, dtype=np.uint16)]
+    dt, _, losses, _, report = train_speed.measure("ours", args, shards, "cpu")
+    assert dt > 0 and len(losses) == 1
+    assert report == ["ours profile failed: RuntimeError: CUPTI_ERROR_NOT_INITIALIZED"]
