@@ -249,10 +249,11 @@ class Workers:
 
     def submit(self, fn, *args):
         """Queue a call on the least busy worker; returns the job number to pass to result()."""
-        conn = min(self.sent, key=lambda c: len(self.sent[c]))
-        while len(self.sent[conn]) >= MAX_QUEUED:  # else both of its pipes could fill (thousands of files)
+        # every worker has MAX_QUEUED jobs unanswered: take replies first, or with thousands of jobs (a footer per
+        # file) a worker's two pipes could fill, each side waiting on the other
+        while min(map(len, self.sent.values())) >= MAX_QUEUED:
             self.take_replies()
-            conn = min(self.sent, key=lambda c: len(self.sent[c]))
+        conn = min(self.sent, key=lambda c: len(self.sent[c]))
         job, self.jobs = self.jobs, self.jobs + 1
         try:
             conn.send((fn, args))
