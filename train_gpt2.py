@@ -14,7 +14,6 @@ pieces, checkpoints and resume, the command line, then main().
 """
 import argparse
 import contextlib
-import gc
 import glob
 import hashlib
 import math
@@ -1406,9 +1405,8 @@ def run_cli(main, memory_hint="use a smaller --batch_size", lost_rank_hint="resu
     with 130."""
     try:
         main()
-        # what still holds a process group (FSDP's device mesh, in reference cycles) goes now, while the interpreter
-        # is whole: left to the exit, gloo's destructor has aborted a finished rank ("terminate called")
-        gc.collect()
+        if "RANK" in os.environ:  # a rank of a launch: leave as exit_with does
+            exit_with(None, 0)
     except (UserError, OSError) as e:
         exit_with(f"error: {e}")
     except KeyboardInterrupt:
@@ -1432,13 +1430,17 @@ def out_of_memory(e, hint):
 
 
 def exit_with(line, status=1):
-    """The line and its newline in one write, so the lines of ranks sharing a terminal never interleave. A gloo
-    process group is closed first: left to the exit, its threads have aborted a rank ("terminate called")."""
-    sys.stderr.write(line + "\n")
+    """Exit, after the line (if any) and its newline in one write, so the lines of ranks sharing a terminal never
+    interleave. A rank of a launch (RANK set) leaves by os._exit, skipping the interpreter's teardown: a gloo
+    thread that drops a tensor while the interpreter finalizes needs the GIL and aborts the process ("terminate
+    called without an active exception", pytorch/pytorch#190489), which failed finished ranks in CI. Everything
+    a run writes is flushed and fsynced by then; only stdout and stderr need a flush."""
+    if line is not None:
+        sys.stderr.write(line + "\n")
+    sys.stdout.flush()
     sys.stderr.flush()
-    if dist.is_initialized() and dist.get_backend() == "gloo":
-        with contextlib.suppress(Exception):
-            dist.destroy_process_group()
+    if "RANK" in os.environ:
+        os._exit(status)
     sys.exit(status)
 
 
