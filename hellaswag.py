@@ -20,6 +20,7 @@ import contextlib
 import http.client
 import json
 import os
+import signal
 import urllib.request
 
 import torch
@@ -28,7 +29,8 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from train_gpt2 import (GPT, GPTConfig, HelpFormatter, UserError, autocast, autocast_dtype, first_line,
-                        gpt2_tokenizer, load_checkpoint, load_sharded_state, run_cli, setup_device, usage_error)
+                        gpt2_tokenizer, load_checkpoint, load_sharded_state, request_stop, run_cli, setup_device,
+                        usage_error)
 
 # where the hub keeps the auto-converted parquet of the dataset (the repo itself is a loading script)
 HUB_FILE = "datasets/Rowan/hellaswag/resolve/refs%2Fconvert%2Fparquet/default/validation/0000.parquet"
@@ -52,7 +54,7 @@ def check_example(ex, where):
         label = int(label)
     if isinstance(label, bool) or label not in (0, 1, 2, 3):
         raise UserError(f"{where}: 'label' must be 0, 1, 2 or 3 (got {label!r})")
-    return {"ctx": ctx, "endings": endings, "label": label}
+    return {"ctx": ctx, "endings": endings, "label": int(label)}  # 1.0 or a parquet Decimal('1'): an int
 
 
 def read_examples(path):
@@ -300,7 +302,7 @@ def load_model(args):
                 load_sharded_state(args.checkpoint, model)
             else:
                 model.load_state_dict(ckpt["model"])
-        except (TypeError, RuntimeError, AssertionError) as e:
+        except (TypeError, ValueError, RuntimeError, AssertionError, ZeroDivisionError) as e:
             raise UserError(f"checkpoint {args.checkpoint} does not fit its own config: {first_line(e)}")
     if model.config.vocab_size < VOCAB:  # the examples are GPT-2 tokens
         raise UserError(f"{args.model or args.checkpoint} has a vocabulary of {model.config.vocab_size} tokens: "
@@ -347,4 +349,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main, lost_rank_hint="run it again")
+    signal.signal(signal.SIGTERM, request_stop)  # as Ctrl-C: a download in progress removes its partial file
+    run_cli(main, lost_rank_hint="run it again", compile_hint="without --compile")

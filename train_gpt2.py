@@ -14,8 +14,10 @@ pieces, checkpoints and resume, the command line, then main().
 """
 import argparse
 import contextlib
+import fcntl
 import glob
 import hashlib
+import itertools
 import math
 import os
 import re
@@ -42,6 +44,11 @@ class UserError(Exception):
 def first_line(e):
     """An exception's message in one line (its type's name if it has none)."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def is_count(x):
+    """A whole number, 0 or more (not a bool, not a float)."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 # -----------------------------------------------------------------------------
@@ -198,10 +205,19 @@ class GPT(nn.Module):
         hf_logging.set_verbosity_error()  # nor config warnings and a progress bar: errors here are one line
         hf_logging.disable_progress_bar()
         try:
-            hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
+            hf, info = GPT2LMHeadModel.from_pretrained(name_or_dir, output_loading_info=True)
         except Exception as e:  # no network, a broken folder, not a GPT-2 checkpoint, ...
             raise UserError(f"cannot load '{name_or_dir}' with transformers: {first_line(e)}")
+        # transformers fills the weights a folder lacks with random ones (another architecture's folder: all of
+        # them), and says so only in a warning
+        absent = sorted(k for k in info["missing_keys"] if not k.endswith(".attn.bias"))
+        if absent:
+            raise UserError(f"'{name_or_dir}' is not a GPT-2 checkpoint: it lacks {len(absent)} of GPT-2's weights, "
+                            f"such as {absent[0]}")
         c = hf.config
+        if not c.tie_word_embeddings:  # our lm_head is the token embedding; another lm_head would be dropped
+            raise UserError(f"'{name_or_dir}' has an lm_head of its own (tie_word_embeddings false): GPT-2 ties it "
+                            "to the token embedding")
         if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh") or c.n_inner not in (None, 4 * c.n_embd):
             raise UserError(f"'{name_or_dir}' is not a GPT-2 architecture "
                             f"(activation {c.activation_function}, n_inner {c.n_inner})")
@@ -435,8 +451,14 @@ class DataLoader:
         if "shuffle" in state and (state["shuffle"] != self.shuffle or (self.shuffle and state["seed"] != self.seed)):
             raise UserError("the checkpoint's run read its data " + (f"shuffled with --seed {state['seed']}"
                             if state["shuffle"] else "in order, without --shuffle") + ": resume it the same way")
-        self.epoch, self.shard_pos, self.cursor = state["epoch"], state["shard_pos"], state["cursor"]
+        position = [state["epoch"], state["shard_pos"], state["cursor"]]
+        bad = UserError(f"the checkpoint's {self.split} position (epoch, shard, window) {position} is not in this data")
+        if not all(map(is_count, position)) or position[1] >= len(self.shards):
+            raise bad
+        self.epoch, self.shard_pos, self.cursor = position
         self._start_epoch(keep_position=True)
+        if self.cursor > self.windows[self.order[self.shard_pos]]:
+            raise bad
 
     def _start_epoch(self, keep_position=False):
         n = len(self.shards)
@@ -596,6 +618,7 @@ def peak_flops(device_type):
 # Checkpoints and resume: atomic writes, sharded (FSDP) checkpoints, and what --resume continues from
 
 CHECKPOINT_NAME = re.compile(r"model_(\d+)\.(pt|dcp)$")  # .dcp: a folder of FSDP shards
+CHECKPOINT_TMP = re.compile(r"model_\d+\.(pt\.tmp\d+|dcp\.tmp)$")  # what save_checkpoint and FSDP write first
 
 
 def save_checkpoint(path, state):
@@ -620,6 +643,10 @@ def save_checkpoint(path, state):
             os.remove(tmp)
 
 
+class UnreadableCheckpoint(UserError):
+    """A checkpoint that may be fine but cannot be read (permissions, I/O): --resume auto stops at it."""
+
+
 def load_checkpoint(path):
     """A checkpoint of ours as a dict of plain values; UserError if missing, truncated or foreign.
 
@@ -634,13 +661,18 @@ def load_checkpoint(path):
         raise UserError(f"checkpoint {path} does not exist" + (" or is incomplete" if sharded else ""))
     try:
         ckpt = torch.load(meta, map_location="cpu", weights_only=True)
+    except OSError as e:  # not a broken file (--resume auto would pass over it, then overwrite it): stop
+        raise UnreadableCheckpoint(f"cannot read checkpoint {path}: {e.strerror or e}")
     except Exception as e:
+        if isinstance(e, MemoryError) or "can't allocate memory" in str(e):
+            raise
         if "Weights only load failed" in str(e):  # such as the lecture's own checkpoints, with their GPTConfig
             raise UserError(f"checkpoint {path} holds pickled Python objects, which torch.load(weights_only=True) "
                             "refuses: it was not written by this train_gpt2.py")
         raise UserError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__})")
     needs = {"config", "step"} if sharded else {"model", "config", "step"}
-    if not isinstance(ckpt, dict) or not needs <= set(ckpt) or not isinstance(ckpt.get("model", {}), dict):
+    if not isinstance(ckpt, dict) or not needs <= set(ckpt) or not isinstance(ckpt.get("model", {}), dict) \
+            or not all(isinstance(k, str) for k in ckpt.get("model", {})) or not is_count(ckpt["step"]):
         raise UserError(f"{path} is not a checkpoint of train_gpt2.py (needs {', '.join(sorted(needs))})")
     if sharded and not os.path.isfile(os.path.join(path, ".metadata")):
         raise UserError(f"checkpoint {path} is incomplete (no .metadata)")
@@ -752,6 +784,26 @@ def load_sharded_state(path, model, optimizer=None):
     set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
+LOG_DIR_LOCK = {"fd": None}
+
+
+def lock_log_dir(log_dir):
+    """One run at a time in a --log_dir: a second one would delete the first's checkpoint being written and
+    interleave their logs. The lock (rank 0's) is held until the process ends, or its next main() here."""
+    if LOG_DIR_LOCK["fd"] is not None:
+        os.close(LOG_DIR_LOCK["fd"])  # an earlier main() in this process (tests, a notebook) is over
+        LOG_DIR_LOCK["fd"] = None
+    fd = os.open(log_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"another run is using --log_dir {log_dir}: wait for it to end, or choose another --log_dir")
+    except OSError:  # a file system without locks (some network ones): go on unguarded
+        pass
+    LOG_DIR_LOCK["fd"] = fd
+
+
 def list_checkpoints(log_dir):
     """[(step, path)] of the checkpoints in log_dir, .pt files and .dcp folders, oldest first."""
     found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(glob.escape(log_dir), "model_*"))
@@ -768,6 +820,8 @@ def find_resume_checkpoint(log_dir, warn, overwrite=False):
     for _, path in reversed(found):
         try:
             return load_checkpoint(path), path
+        except UnreadableCheckpoint as e:
+            raise UserError(f"{e}: make it readable, or move it out of {log_dir}/")
         except UserError as e:
             warn(f"warning: {e}: skipping it")
     if found and not overwrite:  # starting over would trim the log of a run whose checkpoints are all lost
@@ -852,6 +906,8 @@ def resume_or_start(args, model, optimizer, scaler, train_loader, T, device_type
     log_path = os.path.join(args.log_dir, "log.txt")
     error, plan = None, None
     try:
+        if master:
+            lock_log_dir(args.log_dir)
         plan = plan_start(args, model, optimizer, scaler, train_loader, T, device_type, say)
         if master:
             open(log_path, "a").close()  # an unwritable --log_dir fails now, not after compiling and evaluating
@@ -875,9 +931,12 @@ def resume_or_start(args, model, optimizer, scaler, train_loader, T, device_type
         if master:
             for path in plan["remove"]:
                 remove_checkpoint(path)
+            if plan["log_aside"]:
+                os.replace(log_path, plan["log_aside"])
             trim_log(log_path, plan["keep_log_to"], evals_done)
             for tmp in glob.glob(os.path.join(glob.escape(args.log_dir), "model_*.tmp*")):
-                remove_checkpoint(tmp)  # half a checkpoint, left by a run killed while writing it
+                if CHECKPOINT_TMP.search(os.path.basename(tmp)):  # half a checkpoint, from a run killed writing it
+                    remove_checkpoint(tmp)
     except OSError as e:
         error = f"cannot tidy --log_dir {args.log_dir}: {e}"
     gather_outcomes(error)
@@ -889,10 +948,12 @@ def resume_or_start(args, model, optimizer, scaler, train_loader, T, device_type
 
 def plan_start(args, model, optimizer, scaler, train_loader, T, device_type, say):
     """resume_or_start's decision, on one rank: {step, evals_done, path (of the checkpoint, or None), remove
-    (checkpoints to delete), keep_log_to (the log's last step to keep), origin (what the ranks compare)}.
+    (checkpoints to delete), keep_log_to (the log's last step to keep), log_aside (where to move the log to, or
+    None), origin (what the ranks compare)}.
     A checkpoint's plain state is loaded here, its FSDP shards later."""
-    span = log_span(os.path.join(args.log_dir, "log.txt"))
-    ckpt, ckpt_path = None, None
+    log_path = os.path.join(args.log_dir, "log.txt")
+    span = log_span(log_path)
+    ckpt, ckpt_path, log_aside = None, None, None
     if args.resume == "auto":
         ckpt, ckpt_path = find_resume_checkpoint(args.log_dir, say, args.overwrite)
     elif args.resume != "none":
@@ -903,14 +964,20 @@ def plan_start(args, model, optimizer, scaler, train_loader, T, device_type, say
             if args.resume == "none":
                 raise UserError(f"{args.log_dir}/ already holds a run: continue it with --resume auto, "
                                 "start over with --overwrite, or choose another --log_dir")
-            first, _, trained = span  # --resume auto, and no checkpoint at all
-            if first > 0 or trained >= (args.checkpoint_every or args.max_steps):
-                raise UserError(f"{args.log_dir}/log.txt records a run from step {first}, but {args.log_dir}/ holds "
-                                "none of its checkpoints: go on with --resume PATH (the checkpoint it started from, "
-                                "or one moved away), or start over with --overwrite")
-            say(f"warning: {args.log_dir}/ holds no checkpoint yet: starting at step 0, the log starts over")
+            # --resume auto, and no checkpoint at all: fine for a run stopped before its first checkpoint, if
+            # this is that run; a log that got as far as this run's first checkpoint lost its checkpoints
+            first, last, _ = span
+            if first > 0 or last >= min(args.checkpoint_every or args.max_steps, args.max_steps):
+                raise UserError(f"{args.log_dir}/log.txt records a run from step {first} to {last}, but "
+                                f"{args.log_dir}/ holds none of its checkpoints: go on with --resume PATH (the "
+                                "checkpoint it started from, or one moved away), or start over with --overwrite")
+            # the log's run may have been another (longer) one: its records are kept, beside the new log
+            log_aside = next(f"{log_path}.{i}" for i in itertools.count(1) if not os.path.exists(f"{log_path}.{i}"))
+            say(f"warning: {args.log_dir}/ holds no checkpoint yet: starting at step 0; the log so far is kept as "
+                f"{log_aside}")
         # with --overwrite, its checkpoints go: they would pass for this run's
-        return dict(step=0, evals_done=True, path=None, remove=earlier, keep_log_to=-1, origin=(0,))
+        return dict(step=0, evals_done=True, path=None, remove=earlier, keep_log_to=-1, origin=(0,),
+                    log_aside=log_aside)
     missing = ({"loader", "rng"} | ({"optimizer"} if not ckpt["sharded"] else set())) - set(ckpt)
     if missing:
         raise UserError(f"checkpoint {ckpt_path} has no {', '.join(sorted(missing))}: it can be evaluated "
@@ -931,7 +998,7 @@ def plan_start(args, model, optimizer, scaler, train_loader, T, device_type, say
     # up to its step. Else this folder holds another run. (Checkpoints from before the digest: by the steps alone.)
     found = list_checkpoints(args.log_dir)
     outside = os.path.realpath(os.path.dirname(os.path.normpath(ckpt_path))) != os.path.realpath(args.log_dir)
-    followed = log_digest(os.path.join(args.log_dir, "log.txt"), start_step, evals_done)
+    followed = log_digest(log_path, start_step, evals_done)
     own_earlier = any(s <= start_step for s, _ in found)
     if "log_digest" in ckpt:
         same_run = followed == ckpt["log_digest"] or (followed == NO_RECORDS and not own_earlier)
@@ -947,25 +1014,25 @@ def plan_start(args, model, optimizer, scaler, train_loader, T, device_type, say
         raise UserError(f"{args.log_dir}/ holds checkpoints after step {start_step} "
                         f"({', '.join(os.path.basename(p) for p in later)}): to go on from {ckpt_path} "
                         "instead, delete them with --overwrite, or choose another --log_dir")
-    train_loader.set_state(ckpt["loader"])
     val_rows = args.val_steps * train_loader.B * train_loader.world_size
     if args.eval_every and ckpt.get("val_rows", val_rows) != val_rows:
         say(f"warning: the checkpoint's run evaluated {ckpt['val_rows']} val sequences, this one {val_rows} "
             "(--val_steps x --batch_size x processes): the val loss changes at the resume")
-    if not args.fsdp:
-        try:
+    try:
+        train_loader.set_state(ckpt["loader"])
+        if not args.fsdp:
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:  # a checkpoint edited by hand, or broken
-            raise UserError(f"checkpoint {ckpt_path} does not fit its own config: {first_line(e)}")
-    if ckpt.get("scaler"):  # an fp16 run's loss scale; a bf16 or fp32 checkpoint has none, and fp16 starts one
-        scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng"]["cpu"])
-    if device_type == "cuda" and "cuda" in ckpt["rng"]:
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+        if ckpt.get("scaler"):  # an fp16 run's loss scale; a bf16 or fp32 checkpoint has none, and fp16 starts one
+            scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if device_type == "cuda" and "cuda" in ckpt["rng"]:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:  # edited by hand, broken
+        raise UserError(f"checkpoint {ckpt_path} does not fit its own config: {first_line(e)}")
     origin = (start_step, ckpt.get("log_digest"), repr(ckpt["loader"]))  # the same checkpoint on every rank
     return dict(step=start_step, evals_done=evals_done, path=ckpt_path, remove=later,
-                keep_log_to=-1 if foreign else start_step, origin=origin)
+                keep_log_to=-1 if foreign else start_step, origin=origin, log_aside=None)
 
 
 # -----------------------------------------------------------------------------
@@ -1039,8 +1106,11 @@ def parse_args(argv=None):
     a("--dry_run", action="store_true", help="print parameters, FLOPs, the batch plan and memory per GPU, then exit")
     a("--world_size", type=int, help="GPUs for --dry_run to plan for (default: this launch's)")
     args = p.parse_args(argv)
+    for name, value in vars(args).items():  # past 2**62 PyTorch and NumPy overflow (a typo, not a plan)
+        if isinstance(value, int) and abs(value) >= 2**62:
+            p.error(f"--{name} {value} is too large")
     for name in ("batch_size", "seq_len", "total_batch_size", "max_steps", "val_steps", "num_samples", "world_size",
-                 "n_layer", "n_head", "n_embd", "block_size"):
+                 "n_layer", "n_head", "n_embd", "block_size", "sample_length"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             p.error(f"--{name} must be positive")
     for name in ("eval_every", "hellaswag_every", "sample_every", "checkpoint_every", "warmup_steps",
@@ -1053,8 +1123,8 @@ def parse_args(argv=None):
     for name in ("max_lr", "min_lr"):  # AdamW moves each weight by about the LR per step
         if getattr(args, name) is not None and getattr(args, name) > 1:
             p.error(f"--{name} must be at most 1")
-    if not 1 <= args.dist_timeout < math.inf:
-        p.error("--dist_timeout must be a finite number of seconds, 1 or more")
+    if not 1 <= args.dist_timeout <= 10**6:  # c10d counts milliseconds in a C int beyond that
+        p.error("--dist_timeout must be 1 to 1e6 seconds")
     if args.vocab_size is not None and args.vocab_size < 50257:
         p.error("--vocab_size must hold the GPT-2 tokenizer's 50257 tokens")
     if args.world_size is not None and not args.dry_run:
@@ -1119,7 +1189,10 @@ def memory_plan(config, B, T, world, amp_bytes, activation_checkpointing, loss_c
 def dry_run(args, config):
     if os.environ.get("RANK", "0") != "0":  # launched by torchrun: one plan, from rank 0
         return
-    world = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
+    world = args.world_size or os.environ.get("WORLD_SIZE", "1")
+    if not str(world).isdecimal() or int(world) < 1:
+        raise UserError(f"WORLD_SIZE={world}: it must be a positive integer; --world_size N plans for N GPUs")
+    world = int(world)
     accum = batch_plan(args.total_batch_size, args.batch_size, args.seq_len, world, config.block_size)
     amp_bytes = 4 if args.dtype == "fp32" else 2
     print(f"model {args.model}: {config}\n{param_count(config):,} parameters, "
@@ -1134,6 +1207,17 @@ def dry_run(args, config):
         print(f"  {part:32s}{ddp / 2**30:10.2f}{fsdp / 2**30:10.2f}")
 
 
+def check_ram(config):
+    """The model is built in fp32 in RAM first: refuse one that cannot fit before trying (a typo in a size)."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):  # not known here
+        return
+    if 4 * param_count(config) > ram:
+        raise UserError(f"the model's {param_count(config):,} parameters need {4 * param_count(config) / 2**30:,.0f} "
+                        f"GiB to build, more than this machine's {ram / 2**30:,.0f} GiB of RAM (--dry_run plans sizes)")
+
+
 def batch_plan(total, B, T, world, block_size):
     """Gradient-accumulation steps so that world * B * T * steps == total, or a UserError naming fixes."""
     if T > block_size:
@@ -1143,9 +1227,10 @@ def batch_plan(total, B, T, world, block_size):
         return total // per_micro
     lower, upper = (total // per_micro) * per_micro, (total // per_micro + 1) * per_micro
     hint = f"try --total_batch_size {upper}" + (f" or {lower}" if lower else "")
-    fitting_B = [b for b in range(1, B + 1) if total % (b * T * world) == 0]
-    if fitting_B:
-        hint += f", or --batch_size {fitting_B[-1]}"
+    if total % (T * world) == 0:  # the largest B <= --batch_size that divides total / (T x world), if any
+        n = total // (T * world)
+        small = [d for d in range(1, min(B, math.isqrt(n), 10**6) + 1) if n % d == 0]  # capped: only a hint
+        hint += f", or --batch_size {max(d2 for d in small for d2 in (d, n // d) if d2 <= B)}" if small else ""
     raise UserError(f"--total_batch_size {total} is not divisible by {world} process(es) x B {B} x T {T} "
                     f"= {per_micro} tokens: {hint}")
 
@@ -1263,6 +1348,8 @@ def main(argv=None):
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls that remain
 
     # the model
+    if args.init_from == "scratch":
+        check_ram(scratch_config)
     model = GPT(scratch_config) if args.init_from == "scratch" else GPT.from_pretrained(args.init_from)
     config = model.config
     model.to(device)
@@ -1399,10 +1486,14 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
-def run_cli(main, memory_hint="use a smaller --batch_size", lost_rank_hint="resume with --resume auto"):
-    """Run a script's main(): a UserError, an OSError (a full disk, ...), running out of memory or a lost rank
-    becomes one line on stderr and exit status 1, no traceback; an interrupt before training starts exits
-    with 130."""
+def run_cli(main, memory_hint="use a smaller --batch_size", lost_rank_hint="resume with --resume auto",
+            compile_hint="--compile off"):
+    """Run a script's main(): a UserError, an OSError (a full disk, ...), running out of memory, a failed
+    torch.compile or a lost rank becomes one line on stderr and exit status 1, no traceback; an interrupt
+    before training starts exits with 130."""
+    for stream in (sys.stdout, sys.stderr):  # a path that is not UTF-8 prints escaped, not as an error
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         main()
         if "RANK" in os.environ:  # a rank of a launch: leave as exit_with does
@@ -1413,6 +1504,9 @@ def run_cli(main, memory_hint="use a smaller --batch_size", lost_rank_hint="resu
         exit_with("interrupted", 130)
     except (torch.OutOfMemoryError, MemoryError) as e:
         exit_with(out_of_memory(e, memory_hint))
+    except torch._dynamo.exc.BackendCompilerFailed as e:  # no C++ compiler, no Triton, ...
+        why = re.sub(r"^backend='\w+' raised:\s*", "", str(e).strip())
+        exit_with(f"error: torch.compile failed ({first_line(why)}): run without it, {compile_hint}")
     except RuntimeError as e:  # gloo reports a dead or hung peer as a plain RuntimeError
         if "can't allocate memory" in str(e):  # the CPU allocator's out of memory
             exit_with(out_of_memory(e, memory_hint))

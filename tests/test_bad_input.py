@@ -43,6 +43,13 @@ def d(tmp_path_factory):
     torch.save({**ckpt, "config": GPTConfig(**ckpt["config"])}, str(d / "lecture.pt"))  # the lecture's: pickled
     save_tiny_hf_gpt2(str(d / "hf_vocab_1000"), vocab_size=1000)
     torch.save({k: ckpt[k] for k in ("model", "config", "step")}, str(d / "minimal.pt"))  # evaluable only
+    # checkpoints edited by hand
+    torch.save({**ckpt, "step": "1"}, str(d / "step_str.pt"))
+    torch.save({**ckpt, "model": {**ckpt["model"], 7: torch.zeros(1)}}, str(d / "int_key.pt"))
+    torch.save({**ckpt, "loader": {}}, str(d / "no_position.pt"))
+    torch.save({**ckpt, "loader": {**ckpt["loader"], "cursor": 10**9}}, str(d / "far_cursor.pt"))
+    torch.save({**ckpt, "rng": {}}, str(d / "no_rng.pt"))
+    torch.save({**ckpt, "config": {**ckpt["config"], "n_head": 0}}, str(d / "zero_heads.pt"))
     (d / "oor").mkdir()
     for split in ("val", "train"):  # uint16, but not GPT-2 tokens
         np.save(d / "oor" / f"x_{split}_000000.npy", np.full(5000, 65535, dtype=np.uint16))
@@ -131,12 +138,23 @@ CASES = [
     ("train_gpt2.py", ["--vocab_size", "100"], "--vocab_size must hold"),
     ("train_gpt2.py", ["--max_lr", "nan"], "--max_lr must be a finite number"),
     ("train_gpt2.py", ["--max_lr", "2"], "--max_lr must be at most 1"),
-    ("train_gpt2.py", ["--vocab_size", str(10**12)], "out of memory (can't allocate memory: you tried to allocate"),
+    ("train_gpt2.py", ["--vocab_size", str(10**12)], "GiB to build, more than this machine's"),
+    ("train_gpt2.py", ["--n_layer", str(10**11)], "GiB to build, more than this machine's"),
+    ("train_gpt2.py", ["--seed", str(10**23)], f"--seed {10**23} is too large"),
+    ("train_gpt2.py", ["--num_samples", str(10**20)], f"--num_samples {10**20} is too large"),
+    ("train_gpt2.py", ["--batch_size", str(10**9)], "or --batch_size 8"),  # the hint is found at once
+    ("train_gpt2.py", ["--sample_length", "0"], "--sample_length must be positive"),
+    ("train_gpt2.py", ["--dist_timeout", "1e10"], "--dist_timeout must be 1 to 1e6 seconds"),
+    ("train_gpt2.py", ["--resume", "{d}/step_str.pt"], "not a checkpoint of train_gpt2.py"),
+    ("train_gpt2.py", ["--resume", "{d}/int_key.pt"], "not a checkpoint of train_gpt2.py"),
+    ("train_gpt2.py", ["--resume", "{d}/no_position.pt"], "does not fit its own config: 'epoch'"),
+    ("train_gpt2.py", ["--resume", "{d}/far_cursor.pt"], "position (epoch, shard, window) [0, 0, 1000000000] is not"),
+    ("train_gpt2.py", ["--resume", "{d}/no_rng.pt"], "does not fit its own config: 'cpu'"),
     ("train_gpt2.py", ["--seed", "-1"], "--seed must be 0 or more"),
     ("train_gpt2.py", ["--world_size", "8"], "--world_size is for --dry_run"),
     ("train_gpt2.py", ["--keep_checkpoints", "-1"], "--keep_checkpoints must be 0 or more"),
-    ("train_gpt2.py", ["--dist_timeout", "0"], "--dist_timeout must be a finite number of seconds, 1 or more"),
-    ("train_gpt2.py", ["--dist_timeout", "inf"], "--dist_timeout must be a finite number of seconds, 1 or more"),
+    ("train_gpt2.py", ["--dist_timeout", "0"], "--dist_timeout must be 1 to 1e6 seconds"),
+    ("train_gpt2.py", ["--dist_timeout", "inf"], "--dist_timeout must be 1 to 1e6 seconds"),
     ("train_gpt2.py", ["--min_lr", "0.5"], "--min_lr 0.5 is above the peak LR 0.01"),
     ("train_gpt2.py", ["--sample_every", "1", "--sample_prompt="], "--sample_prompt is empty"),
     ("train_gpt2.py", ["--compile", "maybe"], "argument --compile: invalid choice"),
@@ -152,6 +170,7 @@ CASES = [
     ("hellaswag.py", ["-c", "{d}/foreign.pt", "--data", "{d}/hella.jsonl"], "not a checkpoint of train_gpt2.py"),
     ("hellaswag.py", ["-c", "{d}/misfit.pt", "--data", "{d}/hella.jsonl"], "does not fit its own config"),
     ("hellaswag.py", ["-c", "{d}/headless.pt", "--data", "{d}/hella.jsonl"], "does not fit its own config"),
+    ("hellaswag.py", ["-c", "{d}/zero_heads.pt", "--data", "{d}/hella.jsonl"], "does not fit its own config"),
     ("hellaswag.py", ["-c", "{d}/lecture.pt", "--data", "{d}/hella.jsonl"],
      "{d}/lecture.pt holds pickled Python objects, which torch.load(weights_only=True) refuses"),
     ("hellaswag.py", ["-m", "{d}/hf_vocab_1000", "--data", "{d}/hella.jsonl"],
@@ -208,3 +227,31 @@ def test_bad_input_is_one_line_and_harmless(d, tmp_path, script, args, message):
     assert message.format(d=d) in lines[0]
     assert "Traceback" not in r.stdout + r.stderr
     assert snapshot(d) == before and os.listdir(cwd) == []
+
+
+def one_line_error(r):
+    assert r.returncode == 1 and "Traceback" not in r.stdout + r.stderr, r.stderr[-3000:]
+    lines = [line for line in r.stderr.strip().splitlines() if not line.startswith("hellaswag: ")]  # its progress
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    return lines[0]
+
+
+def test_a_failed_compile_is_one_line(d, tmp_path):
+    """torch.compile fails on a machine without a working C++ compiler (CPU) or Triton: say so, and how to go on."""
+    env = dict(os.environ, CXX="/nonexistent/g++", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    before = snapshot(d)
+    r = subprocess.run([sys.executable, "train_gpt2.py", *FAST, "--max_steps", "1", "--compile", "on", "--eval_every",
+                        "0", "--log_dir", str(tmp_path / "log")], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert one_line_error(r).startswith("error: torch.compile failed (InvalidCxxCompiler: ")
+    assert r.stderr.strip().endswith("run without it, --compile off")
+    r = subprocess.run([sys.executable, "hellaswag.py", "-c", str(d / "run" / "model_00001.pt"), "--data",
+                        str(d / "hella.jsonl"), "--compile"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert one_line_error(r).endswith("run without it, without --compile")
+    assert snapshot(d) == before
+
+
+@pytest.mark.parametrize("world", ["abc", "0"])
+def test_dry_run_with_a_bad_world_size_is_one_line(world):
+    r = subprocess.run([sys.executable, "train_gpt2.py", "--dry_run"], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, WORLD_SIZE=world))
+    assert one_line_error(r) == f"error: WORLD_SIZE={world}: it must be a positive integer; --world_size N plans for N GPUs"

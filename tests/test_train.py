@@ -99,16 +99,19 @@ def test_resume_auto_before_the_first_checkpoint_starts_over_and_says_so(tmp_pat
     log_dir.mkdir()
     with open(os.path.join(uninterrupted, "log.txt")) as f:  # a run killed before its first checkpoint (step 6)
         (log_dir / "log.txt").write_text("".join(line for line in f if int(line.split()[0]) < 6))
+    killed_log = (log_dir / "log.txt").read_bytes()
     r = ok(train(RESUME + ["--log_dir", str(log_dir), "--resume", "auto"]))
-    assert f"warning: {log_dir}/ holds no checkpoint yet: starting at step 0, the log starts over" in r.stdout
+    assert (f"warning: {log_dir}/ holds no checkpoint yet: starting at step 0; the log so far is kept as "
+            f"{log_dir}/log.txt.1") in r.stdout
     assert_same_run(uninterrupted, str(log_dir))
+    assert (log_dir / "log.txt.1").read_bytes() == killed_log
     # a log past the first checkpoint, with none left (moved away, say), is not started over without --overwrite
     for name in os.listdir(log_dir):
         os.remove(log_dir / name)
     shutil.copy(os.path.join(uninterrupted, "log.txt"), log_dir)
     r = train(RESUME + ["--log_dir", str(log_dir), "--resume", "auto"])
     assert r.returncode == 1 and r.stderr == (
-        f"error: {log_dir}/log.txt records a run from step 0, but {log_dir}/ holds none of its checkpoints: go on "
+        f"error: {log_dir}/log.txt records a run from step 0 to 24, but {log_dir}/ holds none of its checkpoints: go on "
         "with --resume PATH (the checkpoint it started from, or one moved away), or start over with --overwrite\n")
     assert folder_bytes(log_dir) == {"log.txt": open(os.path.join(uninterrupted, "log.txt"), "rb").read()}
     # as it says: a checkpoint of the run, moved away (here: the same run's, in another folder), keeps the log to it
@@ -123,6 +126,22 @@ def test_resume_auto_before_the_first_checkpoint_starts_over_and_says_so(tmp_pat
     r = ok(train(RESUME + ["--log_dir", str(log_dir), "--resume", "auto", "--overwrite"]))
     assert ": skipping it" in r.stdout
     assert_same_run(uninterrupted, str(log_dir))
+
+
+def test_resume_auto_never_drops_the_log_of_a_finished_run_that_lost_its_checkpoint(tmp_path):
+    log_dir = str(tmp_path / "log")
+    run = FAST + ["--max_steps", "3", "--eval_every", "3", "--val_steps", "1", "--log_dir", log_dir]
+    ok(train(run))  # the default --checkpoint_every (5000) is far away: its one checkpoint is the final one
+    finished = open(os.path.join(log_dir, "log.txt"), "rb").read()
+    os.remove(os.path.join(log_dir, "model_00003.pt"))  # freeing disk, say
+    r = train(run + ["--resume", "auto"])  # the same command: its log reached the final checkpoint
+    assert r.returncode == 1 and "log.txt records a run from step 0 to 3, but" in r.stderr
+    assert os.listdir(log_dir) == ["log.txt"]
+    # a longer run there starts over, as a run stopped before its first checkpoint would; the old log stays beside
+    r = ok(train(run + ["--max_steps", "6", "--resume", "auto"]))
+    assert "the log so far is kept as" in r.stdout
+    assert open(os.path.join(log_dir, "log.txt.1"), "rb").read() == finished
+    assert [s for s, kind, _ in records(log_dir, "train")] == list(range(6))
 
 
 def test_lines_of_a_log_that_are_no_records_are_kept(tmp_path, uninterrupted):
@@ -144,7 +163,7 @@ def test_a_run_branched_from_another_folders_checkpoint(tmp_path, uninterrupted)
     ok(train(RESUME + start + ["--max_steps", "16"]))  # stands for a run killed before its first checkpoint, 18
     os.remove(os.path.join(branch, "model_00016.pt"))
     r = train(RESUME + ["--log_dir", branch, "--resume", "auto"])  # the log starts at 12: not started over
-    assert r.returncode == 1 and "log.txt records a run from step 12, but" in r.stderr
+    assert r.returncode == 1 and "log.txt records a run from step 12 to 16, but" in r.stderr
     ok(train(RESUME + start))
     # the branch's log is the uninterrupted run's from step 12's training on (step 12's evaluations are in the other)
     with open(os.path.join(uninterrupted, "log.txt")) as f:
@@ -304,3 +323,82 @@ def test_a_log_dir_with_a_run_is_not_overwritten_by_accident(tmp_path, uninterru
                      "--overwrite"]))
     assert [(s, k) for s, k, _ in records(log_dir)] == [(0, "train"), (1, "train")]
     assert sorted(os.listdir(log_dir)) == ["log.txt", "model_00002.pt"]
+
+
+def test_one_run_at_a_time_in_a_log_dir(tmp_path):
+    """A second run in a --log_dir in use would delete the first's checkpoint being written: it is refused."""
+    import fcntl
+    log_dir = str(tmp_path / "log")
+    run = FAST + ["--max_steps", "2", "--eval_every", "0", "--log_dir", log_dir, "--resume", "auto"]
+    ok(train(run))
+    before = folder_bytes(log_dir)
+    fd = os.open(log_dir, os.O_RDONLY)  # stands for a run still going there: it holds the same lock
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        r = train(run + ["--max_steps", "4"])
+    finally:
+        os.close(fd)
+    assert r.returncode == 1 and r.stderr == (f"error: another run is using --log_dir {log_dir}: wait for it to end, "
+                                              "or choose another --log_dir\n")
+    assert folder_bytes(log_dir) == before
+    ok(train(run + ["--max_steps", "4"]))  # once it has ended
+
+
+def test_resume_removes_half_written_checkpoints_and_nothing_else(tmp_path):
+    log_dir = tmp_path / "log"
+    run = FAST + ["--max_steps", "2", "--eval_every", "0", "--log_dir", str(log_dir), "--resume", "auto"]
+    ok(train(run))
+    (log_dir / "model_00003.pt.tmp4242").write_bytes(b"half")  # a run killed while writing, 1 process and FSDP
+    (log_dir / "model_00003.dcp.tmp").mkdir()
+    (log_dir / "model_00003.dcp.tmp" / "__0_0.distcp").write_bytes(b"half")
+    (log_dir / "model_card.tmpl").write_text("the user's")  # names alike, not ours
+    (log_dir / "model_old.tmp_backup").mkdir()
+    (log_dir / "model_old.tmp_backup" / "notes").write_text("the user's")
+    ok(train(run + ["--max_steps", "3"]))
+    assert sorted(os.listdir(log_dir)) == ["log.txt", "model_00002.pt", "model_00003.pt", "model_card.tmpl",
+                                           "model_old.tmp_backup"]
+    assert (log_dir / "model_old.tmp_backup" / "notes").read_text() == "the user's"
+
+
+def test_resume_auto_stops_at_a_checkpoint_it_cannot_read(tmp_path, monkeypatch):
+    """A checkpoint that cannot be read (permissions, a disk error) may be whole: passing over it would resume from
+    an older one and overwrite it later. A broken one is passed over."""
+    import train_gpt2
+    for step in (2, 4):
+        torch.save({"model": {}, "config": {}, "step": step}, tmp_path / f"model_{step:05d}.pt")
+    real_load = torch.load
+
+    def load(path, *args, **kwargs):
+        if str(path).endswith("model_00004.pt"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load)
+    with pytest.raises(train_gpt2.UserError) as e:
+        train_gpt2.find_resume_checkpoint(str(tmp_path), print)
+    assert str(e.value) == (f"cannot read checkpoint {tmp_path}/model_00004.pt: Permission denied: make it readable, "
+                            f"or move it out of {tmp_path}/")
+    (tmp_path / "model_00004.pt").write_bytes(b"broken")
+    monkeypatch.setattr(torch, "load", real_load)
+    ckpt, path = train_gpt2.find_resume_checkpoint(str(tmp_path), print)
+    assert path == str(tmp_path / "model_00002.pt") and ckpt["step"] == 2
+
+
+def test_running_out_of_cpu_memory_is_one_line(capsys):
+    """What an allocation too large for the machine raises, caught by run_cli as one line."""
+    import train_gpt2
+    with pytest.raises(SystemExit) as e:
+        train_gpt2.run_cli(lambda: torch.empty(2**46, dtype=torch.uint8))  # 64 TiB
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: out of memory (") and err.endswith(": use a smaller --batch_size\n")
+    assert err.count("\n") == 1
+
+
+def test_a_log_dir_whose_name_is_not_utf8(tmp_path):
+    """Its name in the messages, escaped, under a strict UTF-8 stdout (a UTF-8 locale's), not an encoding error."""
+    log_dir = os.fsdecode(os.fsencode(str(tmp_path)) + b"/run\xe9")
+    run = FAST + ["--max_steps", "1", "--eval_every", "0", "--log_dir", log_dir, "--resume", "auto"]
+    ok(train(run, env={"PYTHONIOENCODING": "utf-8"}))
+    r = ok(train(run, env={"PYTHONIOENCODING": "utf-8"}))
+    assert "resuming from " + str(tmp_path) + "/run\\udce9/model_00001.pt" in r.stdout
