@@ -8,6 +8,7 @@ import random
 import re
 import subprocess
 import sys
+import time
 import urllib.error
 from dataclasses import asdict
 
@@ -478,3 +479,41 @@ def test_trainer_logs_hella_from_this_code(tmp_path):
     torch.manual_seed(1337)  # the trainer's seed: its model at step 0
     model = GPT(GPTConfig(block_size=128, vocab_size=50304, n_layer=1, n_head=2, n_embd=32))
     assert hella[0][2] == f"{hellaswag.evaluate(model, EXAMPLES, 'cpu')['acc_norm']:.4f}"
+
+
+def test_sigterm_during_the_download_leaves_nothing(tmp_path):
+    """A stopped container sends SIGTERM: like Ctrl-C, the partial download and the new cache folder go."""
+    import http.server
+    import signal
+    import threading
+
+    class Trickle(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "1000000")
+            self.end_headers()
+            self.wfile.write(b"PAR1")
+            self.wfile.flush()
+            time.sleep(30)  # the rest never comes in time
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    cache = tmp_path / "cache"
+    env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}", HELLASWAG_CACHE=str(cache))
+    proc = subprocess.Popen([sys.executable, "hellaswag.py", "-c", "unused.pt"], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 60
+        while not (cache.exists() and any(".tmp" in name for name in os.listdir(cache))):
+            assert time.time() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        server.shutdown()
+    assert proc.returncode == 130 and err == "interrupted\n"
+    assert not cache.exists()
