@@ -16,7 +16,8 @@ task's documents itself and returns one uint16 array, which the main process wri
 the shard file (temporary name; fsync and rename on a thread). manifest.json records per shard its
 token count, checksum and where it starts and ends as [document index, token offset into that
 document], so a rerun after an interruption verifies the finished shards and continues exactly
-where they end: the same bytes as an uninterrupted run.
+where they end: the same bytes as an uninterrupted run. A rerun removes no shard before its replacement is
+whole: it renames each new shard over the one of that name, and removes those beyond its end when it finishes.
 """
 import argparse
 import ctypes
@@ -153,15 +154,24 @@ def describe_source(args):
 
 def holds_no_rows(path, kind):
     """Whether a local file is empty: datasets cannot read one (and it adds no documents anyway). An unreadable
-    file counts as not empty: reading it fails later, with its own error."""
+    file counts as not empty: reading it fails later, with its own error.
+    A parquet file's footer also gives its columns, checked here for every file: datasets casts each file to
+    the first one's columns, which made a later file's int64 texts digits, and one without texts empty documents."""
     try:
         if kind == "parquet":
             import pyarrow.parquet as pq
-            return pq.ParquetFile(path).metadata.num_rows == 0  # from the footer
-        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-            return not f.read(1 << 16).strip()  # nothing but whitespace
+            footer = pq.ParquetFile(path)
+        else:
+            with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+                return not f.read(1 << 16).strip()  # nothing but whitespace
     except Exception:
         return False
+    schema, rows = footer.schema_arrow, footer.metadata.num_rows
+    if rows and "text" not in schema.names:
+        fail(f"{path} has no 'text' column (columns: {', '.join(schema.names)})")
+    if rows and str(schema.field("text").type) not in ("string", "large_string", "null"):
+        fail(f"{path}: column 'text' holds {schema.field('text').type}, not strings")
+    return rows == 0
 
 
 def open_source(source):
@@ -239,10 +249,16 @@ class Workers:
         try:
             for _ in range(n):
                 ours, theirs = ctx.Pipe()
-                self.procs.append(ctx.Process(target=serve, args=(theirs, ds), daemon=True))
-                self.procs[-1].start()
-                theirs.close()
                 self.sent[ours] = deque()
+                try:
+                    proc = ctx.Process(target=serve, args=(theirs, ds), daemon=True)
+                    proc.start()
+                finally:
+                    theirs.close()
+                self.procs.append(proc)  # started: close() kills and joins only these
+        except OSError as e:  # out of file descriptors or processes
+            self.close()
+            fail(f"cannot start worker {len(self.procs) + 1}: {e.strerror or e}; use fewer --workers")
         except BaseException:
             self.close()
             raise
@@ -310,9 +326,28 @@ def count_groups(f):
     return file_part(f).num_shards
 
 
-def encode_task(f, runs, index):
+def check_json_texts(path):
+    """Worker: refuse a json file that holds a 'text' other than a string or null. datasets takes a json file's
+    column types from its first 10 MB and casts the rest to them: a later number became its digits, and a
+    later mix of types each text's JSON, quotes and all."""
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line).get("text")
+            except (ValueError, AttributeError):  # not one object per line: datasets reads it whole, or refuses it
+                return
+            if text is not None and not isinstance(text, str):
+                raise ValueError(f"line {number}: 'text' holds {type(text).__name__}, not a string")
+
+
+def encode_task(f, runs, index, json_path=None):
     """Worker: run `index` of file f split into `runs` runs of row groups -> (uint16 tokens with
-    <|endoftext|> before each document, cumulative token count at the end of each document)."""
+    <|endoftext|> before each document, cumulative token count at the end of each document).
+    json_path: the file, when it is json, to check first."""
+    if json_path and index == 0:
+        check_json_texts(json_path)
     if "encoder" not in _worker:
         import tiktoken
         _worker["encoder"] = tiktoken.get_encoding("gpt2")
@@ -372,9 +407,10 @@ def manifest_problem(m):
 
     if not isinstance(m, dict) or not {"source", "prefix", "shard_size", "shards"} <= m.keys():
         return "fields are missing"
-    sizes = (m["shard_size"], m.get("groups_per_task", 1))
-    if not (isinstance(m["prefix"], str) and counts(*sizes) and 0 not in sizes and isinstance(m["shards"], list)):
-        return "prefix, shard_size, groups_per_task or shards is not what this script writes"
+    sizes, stale = (m["shard_size"], m.get("groups_per_task", 1)), m.get("stale", [])
+    if not (isinstance(m["prefix"], str) and counts(*sizes) and 0 not in sizes and isinstance(m["shards"], list)
+            and isinstance(stale, list) and all(isinstance(n, str) for n in stale)):
+        return "prefix, shard_size, groups_per_task, shards or stale is not what this script writes"
     for i, e in enumerate(m["shards"]):
         resume = e.get("resume") if isinstance(e, dict) else None
         if not (isinstance(resume, dict) and isinstance(e.get("file"), str) and isinstance(e.get("xxh3_64"), str)
@@ -422,8 +458,14 @@ def our_files(out_dir, prefix):
 
 
 def prepare(out_dir, prefix, source, args):
-    """Start or resume the manifest: keep the finished shards that verify, drop what a rerun rewrites.
-    Returns (manifest, done) where done means the folder already holds what was asked for."""
+    """Start or resume the manifest: keep the finished shards that verify; the run writes on from where they end.
+    Returns (manifest, done) where done means the folder already holds what was asked for.
+
+    Nothing already written is removed here (only the temporaries of a killed run), and the manifest on disk is
+    left as it is: a run that a later check refuses (the source changed, a full disk) leaves the folder as it
+    found it. The shards from the first one that fails to verify on (and a remainder shard that grows) stay on
+    disk as "stale" ones: the run renames each new shard over the stale one of the same name, and removes those
+    beyond its end when it finishes (ShardWriter.finish, tokenize)."""
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
@@ -432,46 +474,52 @@ def prepare(out_dir, prefix, source, args):
     for name in ours:  # before anything is read or removed
         if os.path.isdir(os.path.join(out_dir, name)):
             fail(f"{os.path.join(out_dir, name)} is a folder, not a shard: move it out of {out_dir}")
-    manifest = load_manifest(out_dir) if os.path.exists(os.path.join(out_dir, MANIFEST)) else None
-    if manifest is None and any(not n.endswith(".tmp") for n in ours):
+    old = load_manifest(out_dir) if os.path.exists(os.path.join(out_dir, MANIFEST)) else None
+    if old is None and any(not n.endswith(".tmp") for n in ours):
         fail(f"{out_dir} holds shards but no {MANIFEST} (written by another tool?); use a fresh --out_dir")
-    if manifest is None or not manifest["shards"]:  # nothing kept (a run that failed at once on bad input, say)
+    # ours: what the manifest lists, and the shard after those an unfinished run may have renamed but not yet
+    # listed (ShardWriter.finish); any other shard is not ours, and a run writes nothing it does not list
+    listed = ({e["file"] for e in old["shards"]} | set(old.get("stale", []))) if old else set()
+    if old and not old.get("complete"):
+        listed.add(shard_name(prefix, len(old["shards"])))
+    for name in ours:
+        if not name.endswith(".tmp") and name not in listed:
+            fail(f"{os.path.join(out_dir, name)} is not in {MANIFEST}, but train_gpt2.py would read it: "
+                 f"move it out of {out_dir}")
+    if old is None or not (old["shards"] or old.get("stale")):  # nothing kept, nothing to keep
         manifest = {"source": source, "prefix": prefix, "shard_size": args.shard_size,
                     "tokenizer": "gpt2", "eot": EOT, "shards": []}
     else:
-        if [manifest.get(k) for k in ("source", "prefix", "shard_size")] != [source, prefix, args.shard_size]:
+        if [old.get(k) for k in ("source", "prefix", "shard_size")] != [source, prefix, args.shard_size]:
             fail(f"{out_dir} holds shards of another source, prefix or shard size; use a fresh --out_dir")
         kept = []
-        for i, entry in enumerate(manifest["shards"]):
+        for i, entry in enumerate(old["shards"]):
             problem = check_shard(out_dir, entry, i, prefix, args.shard_size)
             if problem:
                 print(f"note: {entry['file']}: {problem}; rewriting from this shard on", file=sys.stderr)
                 break
             kept.append(entry)
         total = sum(e["tokens"] for e in kept)
-        done = len(kept) == len(manifest["shards"]) and manifest.get("complete") and (
-            args.max_tokens == manifest.get("max_tokens") or
-            (manifest.get("stopped") == "end of data" and (args.max_tokens or total) >= total))
+        done = len(kept) == len(old["shards"]) and old.get("complete") and (
+            args.max_tokens == old.get("max_tokens") or
+            (old.get("stopped") == "end of data" and (args.max_tokens or total) >= total))
         if not done:
             if args.max_tokens and total > args.max_tokens:  # shards are never cut shorter
                 fail(f"{out_dir} already holds {total:,} tokens, more than --max_tokens {args.max_tokens}; "
                      "use a fresh --out_dir")
             if kept and kept[-1]["tokens"] < args.shard_size:
                 kept.pop()  # the remainder shard of a shorter run: it grows now
-            manifest.update(shards=kept, complete=False, stopped=None)
-    listed = {e["file"] for e in manifest["shards"]}
-    for name, index in ours.items():
-        path = os.path.join(out_dir, name)
-        if name.endswith(".tmp") or (not done and index >= len(manifest["shards"])):
-            try:  # temporaries of a killed run, and shards beyond the kept ones: rewritten, byte for byte
-                os.remove(path)
+        manifest = dict(old, shards=kept)
+    for name in ours:
+        if name.endswith(".tmp"):  # the shard a killed run was writing: never data
+            try:
+                os.remove(os.path.join(out_dir, name))
             except OSError as e:
-                fail(f"cannot remove {path}: {e.strerror or e}")
-        elif name not in listed:  # not ours: a run writes nothing it does not list
-            fail(f"{path} is not in {MANIFEST}, but train_gpt2.py would read it: move it out of {out_dir}")
-    if not done:
-        manifest["max_tokens"] = args.max_tokens
-        save_manifest(out_dir, manifest)  # also proves the folder is writable before any work
+                fail(f"cannot remove {os.path.join(out_dir, name)}: {e.strerror or e}")
+    if not done:  # in memory only: ShardWriter.finish saves it before it renames the first new shard
+        stale = sorted((n for n, i in ours.items() if not n.endswith(".tmp") and i >= len(manifest["shards"])),
+                       key=ours.get)
+        manifest.update(complete=False, stopped=None, max_tokens=args.max_tokens, stale=stale)
     return manifest, done
 
 
@@ -492,6 +540,7 @@ class ShardWriter:
         self.out_dir, self.manifest, self.thread = out_dir, manifest, thread
         self.size, self.index = manifest["shard_size"], len(manifest["shards"])
         self.file, self.fill, self.hash, self.first, self.last, self.pending = None, 0, None, None, None, None
+        self.saved = False  # whether the manifest on disk is this run's yet
 
     def add(self, tokens, ends, first_doc, resume, lo, hi):
         """Write tokens[lo:hi] of a task whose documents start at index first_doc."""
@@ -530,11 +579,20 @@ class ShardWriter:
             with file:
                 file.flush()
                 os.fsync(file.fileno())
-            os.replace(file.name, path)
+            if not self.saved:  # the first shard of this run is whole: now the manifest on disk (an earlier
+                save_manifest(self.out_dir, self.manifest)  # run's, which may list this file) becomes this run's
+                self.saved = True
+            os.replace(file.name, path)  # over the stale shard of this name, if there is one
         except OSError as e:
             discard(file)
             fail(f"cannot write {path}: {e.strerror or e}")
+        except SystemExit:  # the manifest could not be written: that error stands, the shard goes
+            discard(file)
+            raise
+        # a kill before the save below leaves this shard on disk, one past the listed ones: prepare() counts it ours
         self.manifest["shards"].append(entry)
+        if entry["file"] in self.manifest["stale"]:
+            self.manifest["stale"].remove(entry["file"])
         save_manifest(self.out_dir, self.manifest)
 
     def tmp_path(self):
@@ -596,6 +654,7 @@ def tokenize(args, ds, manifest):
             fail("the source's files or row groups changed since the kept shards were written; use a fresh --out_dir")
         per_task = manifest.setdefault("groups_per_task", GROUPS_PER_TASK)  # the plan a resume continues
         tasks = [(f, -(-n // per_task), i) for f, n in enumerate(groups) for i in range(-(-n // per_task))]
+        json_files = manifest["source"]["files"] if manifest["source"].get("format") == "json" else None
         with ThreadPoolExecutor(1) as thread, tqdm(total=args.max_tokens, initial=written, unit="tok",
                                                    unit_scale=True, dynamic_ncols=True) as bar:
             writer = ShardWriter(args.out_dir, manifest, thread)
@@ -628,7 +687,8 @@ def tokenize(args, ds, manifest):
             inflight, stopped = deque(), False
             try:
                 for t in range(task, len(tasks)):
-                    inflight.append((t, pool.submit(encode_task, *tasks[t])))
+                    json_path = json_files[tasks[t][0]] if json_files else None  # checked by its first task
+                    inflight.append((t, pool.submit(encode_task, *tasks[t], json_path)))
                     if len(inflight) > 2 * args.workers:  # bounded read-ahead: memory stays flat
                         stopped = take(*inflight.popleft())
                         if stopped:
@@ -645,6 +705,13 @@ def tokenize(args, ds, manifest):
         pool.close()  # queued and running tasks are dropped
     if not manifest["shards"]:
         fail("the source holds no documents")
+    for name in manifest.pop("stale"):  # stale shards beyond the end of this run; then the manifest says complete
+        try:
+            os.remove(os.path.join(args.out_dir, name))
+        except FileNotFoundError:  # removed by a run killed before its manifest said so
+            pass
+        except OSError as e:
+            fail(f"cannot remove {os.path.join(args.out_dir, name)}: {e.strerror or e}")
     manifest.update(complete=True, stopped="max_tokens" if stopped else "end of data")
     save_manifest(args.out_dir, manifest)
     return sum(e["tokens"] for e in manifest["shards"]) - written, docs, time.time() - t0
@@ -664,8 +731,10 @@ def verify(out_dir):
         if problem:
             problems.append(f"{entry['file']}: {problem}")
         end = entry["end"]
-    names = {e["file"] for e in shards}
-    # a .tmp is the shard a killed run was writing: the rerun deletes it and starts that shard again
+    names = {e["file"] for e in shards} | set(manifest.get("stale", []))
+    if not manifest.get("complete"):  # renamed by a killed run that had not yet listed it
+        names.add(shard_name(prefix, len(shards)))
+    # a .tmp is the shard a killed run was writing, a stale shard one that a rerun rewrites or removes
     problems += [f"{n}: not in the manifest" for n in sorted(our_files(out_dir, prefix))
                  if n not in names and not n.endswith(".tmp")]
     for p in problems:

@@ -25,6 +25,7 @@ import ast
 import contextlib
 import glob
 import json
+import math
 import multiprocessing as mp
 import os
 import platform
@@ -185,20 +186,29 @@ def main():
     p.add_argument("--corpus", help="reuse or keep this parquet file (made if missing)")
     p.add_argument("--json", help="also write the runs here")
     args = p.parse_args()
+    if not math.isfinite(args.tokens):  # inf, nan (which passes any comparison below)
+        sys.exit(f"error: --tokens {args.tokens}: need a finite number")
     if min(args.workers) < 1 or args.tokens < 1 or args.repeats < 1 or args.shard_size < 1:
         sys.exit("error: --workers, --tokens, --repeats and --shard_size must be positive")
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        sys.exit(f"error: --json {args.json}: no such folder")  # now, not after the whole benchmark
+    for flag, path in (("--json", args.json), ("--corpus", args.corpus)):  # now, not after the whole benchmark
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            sys.exit(f"error: {flag} {path}: no such folder")
     with tempfile.TemporaryDirectory() as scratch:  # the made corpus goes with it, unless --corpus keeps it
         corpus = args.corpus or os.path.join(scratch, "corpus.parquet")
         if not os.path.exists(corpus):
             make_corpus(corpus, int(args.tokens))
+        import pyarrow as pa
         import pyarrow.parquet as pq
         startup_corpus = os.path.join(scratch, "startup.parquet")  # the first row group: what every run pays once
         try:
             pq.write_table(pq.ParquetFile(corpus).read_row_group(0), startup_corpus)
+            text = pq.ParquetFile(corpus).schema_arrow.field("text").type
+        except KeyError:
+            sys.exit(f"error: --corpus {corpus} has no 'text' column")
         except Exception as e:
             sys.exit(f"error: --corpus {corpus} is not a readable parquet file ({type(e).__name__})")
+        if not pa.types.is_string(text) and not pa.types.is_large_string(text):
+            sys.exit(f"error: --corpus {corpus}: column 'text' holds {text}, not strings")
         run_all(args, corpus, startup_corpus)
 
 

@@ -72,3 +72,18 @@ def test_a_failing_profiler_costs_the_variant_its_report_only(monkeypatch):
     dt, _, losses, _, report = train_speed.measure("ours", args, shards, "cpu")
     assert dt > 0 and len(losses) == 1
     assert report == ["ours profile failed: RuntimeError: CUPTI_ERROR_NOT_INITIALIZED"]
+
+
+def test_fineweb_speed_bench_bad_input_is_one_line(tmp_path):
+    """Each was a traceback (nan passed the check on --tokens, then failed making the corpus)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"body": ["a", "b"]}), tmp_path / "body.parquet")
+    for args, message in [
+            (["--corpus", str(tmp_path / "missing" / "corpus.parquet")], "no such folder"),
+            (["--corpus", str(tmp_path / "body.parquet")], f"--corpus {tmp_path / 'body.parquet'} has no 'text' column"),
+            (["--tokens", "inf"], "--tokens inf: need a finite number"),
+            (["--tokens", "nan"], "--tokens nan: need a finite number")]:
+        r = run_script([sys.executable, "bench/fineweb_speed.py", *args], timeout=120)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.strip().splitlines() == [r.stderr.strip()] and message in r.stderr, r.stderr

@@ -9,6 +9,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -198,12 +199,14 @@ def test_an_empty_file_and_a_first_run_that_failed(corpus, reference_run, tmp_pa
                          "--shard_size", str(SHARD)]) == 0
     assert "empty.parquet holds no rows; skipped" in capsys.readouterr().err
     assert folder_bytes(out)[0] == folder_bytes(reference_run)[0]
-    # a first run that fails on bad input leaves a manifest without shards: once fixed, the input runs there
+    # a first run that fails on bad input leaves nothing (a manifest only comes with the first shard): once
+    # fixed, the input runs there
     source = tmp_path / "doc.jsonl"
     source.write_bytes(b'{"text": "caf\xe9"}\n')
     args = ["--local_files", str(source), "--out_dir", str(tmp_path / "fixed")]
     with pytest.raises(SystemExit, match=f"cannot read or tokenize {source}: UnicodeDecodeError"):
         fineweb.main(args)
+    assert os.listdir(tmp_path / "fixed") == []
     source.write_text('{"text": "café au lait"}\n', encoding="utf-8")
     assert fineweb.main(args) == 0
     np.testing.assert_array_equal(all_tokens(tmp_path / "fixed"), reference_tokens(["café au lait"]))
@@ -249,7 +252,13 @@ def test_verify(corpus, reference_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert os.path.basename(victim) + ": checksum differs" in err
     assert "edufineweb_train_000999.npy: not in the manifest" in err
-    # a rerun rewrites from the damaged shard on, to the same bytes as before
+    # a rerun refuses a shard that is not its own, touching nothing (it used to delete it, with the later shards)
+    before = folder_bytes(tmp_path)
+    with pytest.raises(SystemExit, match="edufineweb_train_000999.npy is not in manifest.json"):
+        run(corpus, tmp_path)
+    assert folder_bytes(tmp_path) == before
+    # moved out, a rerun rewrites from the damaged shard on, to the same bytes as before
+    os.remove(stray)
     assert run(corpus, tmp_path) == 0
     assert "rewriting from this shard on" in capsys.readouterr().err
     assert folder_bytes(tmp_path) == folder_bytes(reference_run)
@@ -425,6 +434,147 @@ def test_full_disk(corpus, reference_run, tmp_path, monkeypatch, where):
     assert folder_bytes(tmp_path) == folder_bytes(reference_run)
 
 
+# ----------------------------------------------------------------------------- reruns keep what is written
+
+def start_driver(tmp_path, mode, n, args):
+    """The KILLER driver in a session of its own, waiting (modes sigint...) until it is ready for the signal."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(KILLER.format(root=ROOT))
+    env = dict(os.environ, READY_FILE=str(tmp_path / "ready"))
+    proc = subprocess.Popen([sys.executable, str(driver), mode, str(n), *args], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while not os.path.exists(env["READY_FILE"]) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert os.path.exists(env["READY_FILE"]), proc.stderr.read().decode()
+    return proc
+
+
+def test_an_interrupted_rewrite_keeps_the_later_shards(corpus, reference_run, tmp_path, capsys):
+    """A rerun that finds a shard missing rewrites from it on, each new shard renamed over the old one of its
+    name: stopped part way (Ctrl-C), the folder still holds every shard (the later ones were deleted up front,
+    and a Ctrl-C left 2 of them), listed as stale; the next rerun goes on from where the stopped one got to."""
+    out = tmp_path / "out"
+    shutil.copytree(reference_run, out)
+    os.remove(out / "edufineweb_train_000002.npy")
+    args = ["--local_files", *corpus["files"], "--out_dir", str(out), "--shard_size", str(SHARD), "--workers", "2"]
+    proc = start_driver(tmp_path, "sigint", 8, args)  # Ctrl-C once shard 8 is begun
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=60)
+    err = proc.stderr.read().decode()
+    assert proc.returncode == 130 and "edufineweb_train_000002.npy: missing; rewriting from this shard on" in err, err
+    files, manifest = folder_bytes(out)
+    reference, _ = folder_bytes(reference_run)
+    assert files == reference  # every shard there, the rewritten ones byte for byte what they were
+    names = [os.path.basename(f) for f in shard_files(reference_run)]
+    kept = len(manifest["shards"])
+    assert kept >= 8 and [e["file"] for e in manifest["shards"]] == names[:kept]
+    assert manifest["stale"] == names[kept:] and not manifest["complete"]
+    assert fineweb.main(["--verify", "--out_dir", str(out)]) == 0
+    assert "incomplete (rerun the same command to resume)" in capsys.readouterr().out
+    assert fineweb.main(args) == 0
+    assert folder_bytes(out) == folder_bytes(reference_run)
+    written = int(capsys.readouterr().out.split("this run: ")[1].split(" tokens")[0].replace(",", ""))
+    assert written <= len(corpus["tokens"]) - (kept - 1) * SHARD  # from the last kept shard on, not from shard 2
+
+
+class Crash(BaseException):
+    """A kill, at one step of a run."""
+
+
+def test_a_crash_at_any_step_of_a_rewrite(corpus, reference_run, tmp_path, monkeypatch):
+    """A rerun that finds a damaged shard near the end and stops sooner (--max_tokens) writes the manifest,
+    renames its new shards over the old ones and removes the old ones beyond its end. Crashed before each of
+    those steps in turn, it leaves a folder that a rerun completes to what an uninterrupted rerun writes; and no
+    shard goes before all the new ones are there."""
+    n = len(shard_files(reference_run))
+    damaged = tmp_path / "damaged"
+    shutil.copytree(reference_run, damaged)
+    victim = damaged / fineweb.shard_name("edufineweb", n - 4)
+    arr = np.load(victim)
+    arr[5] = (int(arr[5]) + 1) % 50000
+    np.save(victim, arr)
+    extra = ["--max_tokens", str((n - 3) * SHARD + 5000), "--workers", "1"]  # n-4 full, n-3 the remainder
+    names = [fineweb.shard_name("edufineweb", i) for i in range(n)]
+    steps, crash_at = [], [None]
+    replace, remove, save_manifest = os.replace, os.remove, fineweb.save_manifest
+
+    def step(kind, path):
+        steps.append((kind, os.path.basename(path)))
+        if len(steps) - 1 == crash_at[0]:
+            raise Crash
+
+    def shard_step(kind, real):
+        def op(*paths):
+            if paths[-1].endswith(".npy"):  # a shard renamed or removed (not a temporary, not the manifest)
+                step(kind, paths[-1])
+            return real(*paths)
+        return op
+
+    def manifest_step(out_dir, manifest):
+        step("save", "manifest.json")
+        save_manifest(out_dir, manifest)
+
+    monkeypatch.setattr(os, "replace", shard_step("replace", replace))
+    monkeypatch.setattr(os, "remove", shard_step("remove", remove))
+    monkeypatch.setattr(fineweb, "save_manifest", manifest_step)
+
+    clean = tmp_path / "clean"
+    shutil.copytree(damaged, clean)
+    assert run(corpus, clean, *extra) == 0
+    want, plan = folder_bytes(clean), list(steps)
+    assert plan == [("save", "manifest.json"), ("replace", names[n - 4]), ("save", "manifest.json"),
+                    ("replace", names[n - 3]), ("save", "manifest.json"), ("remove", names[n - 2]),
+                    ("remove", names[n - 1]), ("save", "manifest.json")]
+    np.testing.assert_array_equal(all_tokens(clean), corpus["tokens"][:(n - 3) * SHARD + 5000])
+    for k in range(len(plan)):
+        out = tmp_path / f"crash_{k}"
+        shutil.copytree(damaged, out)
+        steps.clear()
+        crash_at[0] = k
+        with pytest.raises(Crash):
+            run(corpus, out, *extra)
+        crash_at[0] = None
+        if k <= plan.index(("remove", names[n - 2])):  # until then, every shard is on disk
+            assert all(os.path.exists(out / name) for name in names)
+        assert run(corpus, out, *extra) == 0, k
+        assert folder_bytes(out) == want, k
+
+
+def test_a_refused_extension_keeps_the_finished_folder(tmp_path, monkeypatch, capsys):
+    """Extending a finished --max_tokens run grows its remainder shard: the old one stays until the new one is
+    whole. A source that changed since, or a full disk, stops the run with the folder complete as it was (the
+    remainder shard was deleted first, and the manifest said incomplete)."""
+    docs = [f"document {i}: " + "word " * (i % 40 + 10) for i in range(300)]
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    out = tmp_path / "out"
+    args = ["--local_files", str(source), "--out_dir", str(out), "--shard_size", "2000", "--workers", "1"]
+    assert fineweb.main([*args, "--max_tokens", "5000"]) == 0
+    before = folder_bytes(out)
+    assert [e["tokens"] for e in before[1]["shards"]] == [2000, 2000, 1000]
+    end_doc, carry = before[1]["shards"][1]["end"]
+    assert carry > 1  # the extension resumes inside a document whose first tokens are in shard 1: a change shows
+    # the same size, other text: the file passes the source check, its tokens differ
+    source.write_text(source.read_text().replace("document", "Document"))
+    with pytest.raises(SystemExit, match=f"document {end_doc} no longer matches the end of edufineweb_train_000001"):
+        fineweb.main(args)
+    assert folder_bytes(out) == before
+    # the source as it was, and a disk that fills up in the first new shard
+    source.write_text(source.read_text().replace("Document", "document"))
+    monkeypatch.setattr(fineweb, "open", lambda path, mode="r", *a, **k: FullDisk(path, 1000)
+                        if path.endswith("train_000002.npy.tmp") else open(path, mode, *a, **k), raising=False)
+    with pytest.raises(SystemExit, match="edufineweb_train_000002.npy: No space left on device"):
+        fineweb.main(args)
+    monkeypatch.undo()
+    assert folder_bytes(out) == before
+    capsys.readouterr()
+    assert fineweb.main(["--verify", "--out_dir", str(out)]) == 0
+    assert capsys.readouterr().out.endswith(", complete\n")
+    assert fineweb.main(args) == 0  # extended, at last
+    np.testing.assert_array_equal(all_tokens(out), reference_tokens(docs))
+
+
 # ----------------------------------------------------------------------------- the worker processes
 
 def run_with_fineweb(tmp_path, code):
@@ -490,6 +640,23 @@ print("closed")
     assert result.returncode == 0 and result.stdout == "closed\n" and result.stderr == "", result.stderr
 
 
+def test_workers_that_cannot_start(corpus, tmp_path):
+    """More workers than the open-file limit allows: one line saying so, the started ones stopped (a worker that
+    failed to start was killed too: AttributeError)."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--local_files", *corpus["files"], "--out_dir", str(tmp_path),
+                             "--workers", "200"], start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (100, hard)))
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 1, err
+    assert re.fullmatch(r"error: cannot start worker \d+: Too many open files; use fewer --workers",
+                        one_error_line(err)), err
+    assert not live_in_session(proc.pid)
+    assert os.listdir(tmp_path) == []
+
+
 def test_the_callers_signal_handlers_come_back(corpus, tmp_path):
     """fineweb.main in a caller's process (a notebook, a bench) hands back its Ctrl-C and SIGTERM handlers:
     left installed, they ignored every later Ctrl-C, and a forked pool's workers survived SIGTERM."""
@@ -551,4 +718,32 @@ def test_unreachable_hub(tmp_path, monkeypatch, dataset, name):
         fineweb.main(["--dataset", dataset, "--out_dir", str(tmp_path / "out")])
     msg = str(e.value.code)
     assert msg.startswith(f"error: cannot open {name} (sample-10BT): ") and "\n" not in msg
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_json_text_that_turns_into_a_number(tmp_path):
+    """datasets types a json file's columns by its first 10 MB and casts the rest to them: a number after that
+    was tokenized as its JSON text (quoted strings around it), exit 0. Each line is checked."""
+    source = tmp_path / "late.jsonl"
+    with open(source, "w") as f:
+        for i in range(11):  # 11 MB of strings
+            f.write(json.dumps({"text": f"document {i}" + " word" * 200_000}) + "\n")
+        f.write('{"text": 12345}\n{"text": "tail"}\n')
+    with pytest.raises(SystemExit) as e:
+        fineweb.main(["--local_files", str(source), "--out_dir", str(tmp_path / "out"), "--workers", "1"])
+    assert e.value.code == f"error: cannot read or tokenize {source}: ValueError: line 12: 'text' holds int, not a string"
+    assert os.listdir(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("table,problem", [
+    (pa.table({"text": pa.array([1, 2], pa.int64())}), ": column 'text' holds int64, not strings"),
+    (pa.table({"body": ["a", "b"]}), " has no 'text' column (columns: body)")])
+def test_a_later_parquet_file_without_string_texts(corpus, tmp_path, table, problem):
+    """datasets casts each parquet file to the first one's columns: a later file's int64 texts became digits
+    (exit 0), and one without texts failed after shards were written. Every file's footer is checked first."""
+    parts = sorted(glob.glob(corpus["files"][0]))
+    pq.write_table(table, tmp_path / "bad.parquet")
+    with pytest.raises(SystemExit) as e:
+        fineweb.main(["--local_files", parts[0], str(tmp_path / "bad.parquet"), "--out_dir", str(tmp_path / "out")])
+    assert e.value.code == f"error: {tmp_path / 'bad.parquet'}{problem}"
     assert not os.path.exists(tmp_path / "out")
