@@ -91,7 +91,11 @@ def download(path):
     url = f"{os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')}/{HUB_FILE}"
     folder = os.path.dirname(path) or "."
     made = not os.path.exists(folder)
-    os.makedirs(folder, exist_ok=True)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:  # a UserError: under torchrun the other ranks are waiting for this one's outcome
+        raise UserError(f"cannot create the HellaSwag cache folder {folder}: {e.strerror or e}: "
+                        "set $HELLASWAG_CACHE to a folder that can be written, or pass --data")
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         try:
@@ -125,7 +129,8 @@ def load_examples(data=None, cache_dir=None, limit=None):
 
     Under torchrun, local rank 0 of each node downloads while the other ranks wait at a barrier.
     """
-    if data is None:
+    cached = data is None
+    if cached:
         cache_dir = cache_dir or default_cache_dir()
         if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
             raise UserError(f"the HellaSwag cache {cache_dir} is a file, not a folder: "
@@ -143,7 +148,12 @@ def load_examples(data=None, cache_dir=None, limit=None):
             raise error
         if not os.path.exists(data):
             raise UserError(f"local rank 0 did not download HellaSwag to {data}: see its error, or pass --data")
-    examples = read_examples(data)[:limit]
+    try:
+        examples = read_examples(data)[:limit]
+    except UserError as e:
+        if not cached:
+            raise
+        raise UserError(f"{e} (the cached hub copy: delete it to download it again)")
     if not examples:
         raise UserError(f"{data} holds no HellaSwag examples")
     return examples

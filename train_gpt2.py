@@ -1391,7 +1391,10 @@ def main(argv=None):
     optimizer = model.configure_optimizers(args.weight_decay, args.max_lr, device_type)
 
     # resume, or start a fresh run
-    os.makedirs(args.log_dir, exist_ok=True)
+    try:
+        os.makedirs(args.log_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --log_dir {args.log_dir}: {e.strerror or e}")
     log_path = os.path.join(args.log_dir, "log.txt")
     start_step, evals_done, resumed = resume_or_start(args, model, optimizer, scaler, train_loader, T,
                                                       device_type, master, say)

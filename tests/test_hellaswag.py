@@ -197,6 +197,20 @@ def test_a_cache_that_is_a_file_is_one_clear_error(tmp_path):
         hellaswag.load_examples(cache_dir=str(tmp_path / "cache"))
 
 
+def test_a_cache_folder_that_cannot_be_made_is_one_clear_error(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(UserError, match="cannot create the HellaSwag cache folder .*a_file/cache: Not a directory: "
+                                        "set \\$HELLASWAG_CACHE"):
+        hellaswag.load_examples(cache_dir=str(tmp_path / "a_file" / "cache"))
+
+
+def test_a_broken_cached_copy_says_how_to_get_a_new_one(tmp_path):
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / hellaswag.CACHE_NAME).write_bytes(b"PAR1 cut short")
+    with pytest.raises(UserError, match="the cached hub copy: delete it to download it again"):
+        hellaswag.load_examples(cache_dir=str(tmp_path / "cache"))
+
+
 def test_a_jsonl_file_with_a_byte_order_mark_reads(tmp_path):
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(ex) + "\n" for ex in EXAMPLES[:3]).encode())
