@@ -169,8 +169,10 @@ def holds_no_rows(path, kind):
     schema, rows = footer.schema_arrow, footer.metadata.num_rows
     if rows and "text" not in schema.names:
         fail(f"{path} has no 'text' column (columns: {', '.join(schema.names)})")
-    if rows and str(schema.field("text").type) not in ("string", "large_string", "null"):
-        fail(f"{path}: column 'text' holds {schema.field('text').type}, not strings")
+    text = schema.field("text").type if rows else None
+    text = getattr(text, "value_type", text)  # dictionary-encoded (pandas or polars categories): its values
+    if rows and str(text) not in ("string", "large_string", "null"):
+        fail(f"{path}: column 'text' holds {text}, not strings")
     return rows == 0
 
 
@@ -520,6 +522,12 @@ def prepare(out_dir, prefix, source, args):
         stale = sorted((n for n, i in ours.items() if not n.endswith(".tmp") and i >= len(manifest["shards"])),
                        key=ours.get)
         manifest.update(complete=False, stopped=None, max_tokens=args.max_tokens, stale=stale)
+        probe = os.path.join(out_dir, f".write_test{os.getpid()}")
+        try:  # a folder that cannot be written fails now, not after the first shard's worth of work
+            open(probe, "wb").close()
+            os.remove(probe)
+        except OSError as e:
+            fail(f"cannot write to {out_dir}: {e.strerror or e}")
     return manifest, done
 
 

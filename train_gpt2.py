@@ -657,6 +657,11 @@ def load_checkpoint(path):
     if sharded and not CHECKPOINT_NAME.search(os.path.basename(os.path.normpath(path))):
         raise UserError(f"{path} is a folder, not a checkpoint: pass a model_<step>.pt file or a "
                         "model_<step>.dcp folder")
+    try:
+        if sharded:
+            os.listdir(path)  # a folder that cannot be read is not an incomplete one
+    except OSError as e:
+        raise UnreadableCheckpoint(f"cannot read checkpoint {path}: {e.strerror or e}")
     if not os.path.isfile(meta):
         raise UserError(f"checkpoint {path} does not exist" + (" or is incomplete" if sharded else ""))
     try:
@@ -787,12 +792,21 @@ def load_sharded_state(path, model, optimizer=None):
 LOG_DIR_LOCK = {"fd": None}
 
 
+def unlock_log_dir():
+    if LOG_DIR_LOCK["fd"] is not None:
+        os.close(LOG_DIR_LOCK["fd"])
+        LOG_DIR_LOCK["fd"] = None
+
+
+# a forked child (a compile worker) would share the lock and keep it after the trainer is killed
+os.register_at_fork(after_in_child=unlock_log_dir)
+
+
 def lock_log_dir(log_dir):
     """One run at a time in a --log_dir: a second one would delete the first's checkpoint being written and
-    interleave their logs. The lock (rank 0's) is held until the process ends, or its next main() here."""
-    if LOG_DIR_LOCK["fd"] is not None:
-        os.close(LOG_DIR_LOCK["fd"])  # an earlier main() in this process (tests, a notebook) is over
-        LOG_DIR_LOCK["fd"] = None
+    interleave their logs. Rank 0 holds the lock until main() ends, or the process (or its next main(), after
+    one that raised). On a file system without locks (some network ones) there is no guard."""
+    unlock_log_dir()
     fd = os.open(log_dir, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -965,9 +979,9 @@ def plan_start(args, model, optimizer, scaler, train_loader, T, device_type, say
                 raise UserError(f"{args.log_dir}/ already holds a run: continue it with --resume auto, "
                                 "start over with --overwrite, or choose another --log_dir")
             # --resume auto, and no checkpoint at all: fine for a run stopped before its first checkpoint, if
-            # this is that run; a log that got as far as this run's first checkpoint lost its checkpoints
-            first, last, _ = span
-            if first > 0 or last >= min(args.checkpoint_every or args.max_steps, args.max_steps):
+            # this is that run; a log that trained past this run's first checkpoint lost its checkpoints
+            first, last, trained = span
+            if first > 0 or trained >= min(args.checkpoint_every or args.max_steps, args.max_steps):
                 raise UserError(f"{args.log_dir}/log.txt records a run from step {first} to {last}, but "
                                 f"{args.log_dir}/ holds none of its checkpoints: go on with --resume PATH (the "
                                 "checkpoint it started from, or one moved away), or start over with --overwrite")
@@ -1107,7 +1121,7 @@ def parse_args(argv=None):
     a("--world_size", type=int, help="GPUs for --dry_run to plan for (default: this launch's)")
     args = p.parse_args(argv)
     for name, value in vars(args).items():  # past 2**62 PyTorch and NumPy overflow (a typo, not a plan)
-        if isinstance(value, int) and abs(value) >= 2**62:
+        if isinstance(value, int) and abs(value) >= (2**64 if name == "seed" else 2**62):  # seeds are 64-bit
             p.error(f"--{name} {value} is too large")
     for name in ("batch_size", "seq_len", "total_batch_size", "max_steps", "val_steps", "num_samples", "world_size",
                  "n_layer", "n_head", "n_embd", "block_size", "sample_length"):
@@ -1487,6 +1501,7 @@ def main(argv=None):
     if dist.is_initialized():
         dist.barrier()  # all ranks done (rank 0's last checkpoint written) before any tears the group down
         dist.destroy_process_group()
+    unlock_log_dir()
 
 
 def run_cli(main, memory_hint="use a smaller --batch_size", lost_rank_hint="resume with --resume auto",
@@ -1507,14 +1522,14 @@ def run_cli(main, memory_hint="use a smaller --batch_size", lost_rank_hint="resu
         exit_with("interrupted", 130)
     except (torch.OutOfMemoryError, MemoryError) as e:
         exit_with(out_of_memory(e, memory_hint))
-    except torch._dynamo.exc.BackendCompilerFailed as e:  # no C++ compiler, no Triton, ...
-        why = re.sub(r"^backend='\w+' raised:\s*", "", str(e).strip())
-        exit_with(f"error: torch.compile failed ({first_line(why)}): run without it, {compile_hint}")
-    except RuntimeError as e:  # gloo reports a dead or hung peer as a plain RuntimeError
+    except RuntimeError as e:
+        if any(c.__name__ == "BackendCompilerFailed" for c in type(e).__mro__):  # no C++ compiler, no Triton, ...
+            why = re.sub(r"^backend='\w+' raised:\s*", "", str(e).strip())
+            exit_with(f"error: torch.compile failed ({first_line(why)}): run without it, {compile_hint}")
         if "can't allocate memory" in str(e):  # the CPU allocator's out of memory
             exit_with(out_of_memory(e, memory_hint))
         if not (dist.is_initialized() and (isinstance(e, dist.DistError) or "gloo" in str(e))):
-            raise
+            raise  # gloo reports a dead or hung peer as a plain RuntimeError; anything else is a bug: its traceback
         why = re.sub(r"^\[[^]]*\] *", "", str(e).strip()).split(". ")[0]
         exit_with(f"error: rank {dist.get_rank()} lost the other ranks ({why}): one of them died or hangs, see its "
                   f"output; {lost_rank_hint}")

@@ -207,6 +207,7 @@ def main():
             sys.exit(f"error: --corpus {corpus} has no 'text' column")
         except Exception as e:
             sys.exit(f"error: --corpus {corpus} is not a readable parquet file ({type(e).__name__})")
+        text = getattr(text, "value_type", text)  # dictionary-encoded: its values
         if not pa.types.is_string(text) and not pa.types.is_large_string(text):
             sys.exit(f"error: --corpus {corpus}: column 'text' holds {text}, not strings")
         run_all(args, corpus, startup_corpus)

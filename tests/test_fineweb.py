@@ -747,3 +747,21 @@ def test_a_later_parquet_file_without_string_texts(corpus, tmp_path, table, prob
         fineweb.main(["--local_files", parts[0], str(tmp_path / "bad.parquet"), "--out_dir", str(tmp_path / "out")])
     assert e.value.code == f"error: {tmp_path / 'bad.parquet'}{problem}"
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_dictionary_encoded_texts_read_as_plain_ones(tmp_path):
+    """pandas and polars write a categorical column dictionary-encoded: its values are strings all the same."""
+    docs = ["the same text", "another one", "the same text"]
+    pq.write_table(pa.table({"text": pa.array(docs).dictionary_encode()}), tmp_path / "dict.parquet")
+    assert fineweb.main(["--local_files", str(tmp_path / "dict.parquet"), "--out_dir", str(tmp_path / "out")]) == 0
+    np.testing.assert_array_equal(all_tokens(tmp_path / "out"), reference_tokens(docs))
+
+
+def test_a_folder_that_cannot_be_written_fails_before_any_work(tmp_path):
+    out = tmp_path / "out"
+    (out / f".write_test{os.getpid()}").mkdir(parents=True)  # where the probe goes: writing it fails
+    source = tmp_path / "doc.jsonl"
+    source.write_text('{"text": "a document"}\n')
+    with pytest.raises(SystemExit, match=f"error: cannot write to {out}: Is a directory"):
+        fineweb.main(["--local_files", str(source), "--out_dir", str(out)])
+    assert os.listdir(out) == [f".write_test{os.getpid()}"]

@@ -130,18 +130,23 @@ def test_resume_auto_before_the_first_checkpoint_starts_over_and_says_so(tmp_pat
 
 def test_resume_auto_never_drops_the_log_of_a_finished_run_that_lost_its_checkpoint(tmp_path):
     log_dir = str(tmp_path / "log")
-    run = FAST + ["--max_steps", "3", "--eval_every", "3", "--val_steps", "1", "--log_dir", log_dir]
+    run = FAST + ["--max_steps", "3", "--eval_every", "3", "--val_steps", "1", "--log_dir", log_dir, "--resume", "auto"]
     ok(train(run))  # the default --checkpoint_every (5000) is far away: its one checkpoint is the final one
     finished = open(os.path.join(log_dir, "log.txt"), "rb").read()
     os.remove(os.path.join(log_dir, "model_00003.pt"))  # freeing disk, say
-    r = train(run + ["--resume", "auto"])  # the same command: its log reached the final checkpoint
-    assert r.returncode == 1 and "log.txt records a run from step 0 to 3, but" in r.stderr
-    assert os.listdir(log_dir) == ["log.txt"]
-    # a longer run there starts over, as a run stopped before its first checkpoint would; the old log stays beside
-    r = ok(train(run + ["--max_steps", "6", "--resume", "auto"]))
-    assert "the log so far is kept as" in r.stdout
+    # it trained no further than a run stopped before its first checkpoint: it starts over, the old log stays beside
+    r = ok(train(run))
+    assert f"the log so far is kept as {log_dir}/log.txt.1" in r.stdout
     assert open(os.path.join(log_dir, "log.txt.1"), "rb").read() == finished
-    assert [s for s, kind, _ in records(log_dir, "train")] == list(range(6))
+    assert open(os.path.join(log_dir, "log.txt"), "rb").read() == finished  # the same run again
+    # one that trained past its first checkpoint (2) and lost them all is refused, touching nothing
+    longer = run + ["--max_steps", "6", "--checkpoint_every", "2", "--log_dir", str(tmp_path / "longer")]
+    ok(train(longer))
+    for name in ("model_00002.pt", "model_00004.pt", "model_00006.pt"):
+        os.remove(tmp_path / "longer" / name)
+    r = train(longer)
+    assert r.returncode == 1 and "log.txt records a run from step 0 to 6, but" in r.stderr
+    assert os.listdir(tmp_path / "longer") == ["log.txt"]
 
 
 def test_lines_of_a_log_that_are_no_records_are_kept(tmp_path, uninterrupted):
@@ -326,22 +331,54 @@ def test_a_log_dir_with_a_run_is_not_overwritten_by_accident(tmp_path, uninterru
 
 
 def test_one_run_at_a_time_in_a_log_dir(tmp_path):
-    """A second run in a --log_dir in use would delete the first's checkpoint being written: it is refused."""
+    """A second run in a --log_dir in use would delete the first's checkpoint being written: it is refused. A run
+    killed leaves no lock behind."""
     import fcntl
     log_dir = str(tmp_path / "log")
-    run = FAST + ["--max_steps", "2", "--eval_every", "0", "--log_dir", log_dir, "--resume", "auto"]
-    ok(train(run))
-    before = folder_bytes(log_dir)
-    fd = os.open(log_dir, os.O_RDONLY)  # stands for a run still going there: it holds the same lock
-    fcntl.flock(fd, fcntl.LOCK_EX)
+    run = FAST + ["--max_steps", "100000", "--eval_every", "0", "--log_dir", log_dir, "--resume", "auto"]
+    first = subprocess.Popen([sys.executable, "train_gpt2.py", *run], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
     try:
-        r = train(run + ["--max_steps", "4"])
+        deadline = time.time() + 120
+        while not (os.path.exists(os.path.join(log_dir, "log.txt")) and records(log_dir)):
+            assert time.time() < deadline and first.poll() is None
+            time.sleep(0.05)
+        r = train(run)
+        assert r.returncode == 1 and r.stderr == (f"error: another run is using --log_dir {log_dir}: wait for it to "
+                                                  "end, or choose another --log_dir\n")
+        fd = os.open(log_dir, os.O_RDONLY)
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     finally:
+        first.kill()
+        first.wait()
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.close(fd)
+
+
+def test_a_forked_child_does_not_keep_the_log_dir_locked(tmp_path):
+    """A compile worker forked by the trainer shares its open files: without closing the lock's in the child, a
+    killed trainer's workers would keep --log_dir locked."""
+    import fcntl
+    import train_gpt2
+    train_gpt2.lock_log_dir(str(tmp_path))
+    ready_r, ready_w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.write(ready_w, b"x")  # running: the fork's hooks are done
+        time.sleep(30)
+        os._exit(0)
+    try:
+        assert os.read(ready_r, 1) == b"x"
+        train_gpt2.unlock_log_dir()  # the trainer is gone; its child lives on
+        fd = os.open(tmp_path, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.close(fd)
-    assert r.returncode == 1 and r.stderr == (f"error: another run is using --log_dir {log_dir}: wait for it to end, "
-                                              "or choose another --log_dir\n")
-    assert folder_bytes(log_dir) == before
-    ok(train(run + ["--max_steps", "4"]))  # once it has ended
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        os.close(ready_r)
+        os.close(ready_w)
 
 
 def test_resume_removes_half_written_checkpoints_and_nothing_else(tmp_path):
@@ -382,6 +419,18 @@ def test_resume_auto_stops_at_a_checkpoint_it_cannot_read(tmp_path, monkeypatch)
     monkeypatch.setattr(torch, "load", real_load)
     ckpt, path = train_gpt2.find_resume_checkpoint(str(tmp_path), print)
     assert path == str(tmp_path / "model_00002.pt") and ckpt["step"] == 2
+    # an FSDP checkpoint's folder that cannot be read is not an incomplete one
+    (tmp_path / "model_00006.dcp").mkdir()
+    real_listdir = os.listdir
+
+    def listdir(path="."):
+        if str(path).endswith(".dcp"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_listdir(path)
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    with pytest.raises(train_gpt2.UserError, match="cannot read checkpoint .*model_00006.dcp: Permission denied"):
+        train_gpt2.find_resume_checkpoint(str(tmp_path), print)
 
 
 def test_running_out_of_cpu_memory_is_one_line(capsys):
