@@ -1387,6 +1387,9 @@ def main(argv=None):
     enc = gpt2_tokenizer() if args.sample_every else None
     # <|endoftext|> in the prompt is the special token, as a document boundary (tiktoken refuses it by default)
     prompt = enc.encode(args.sample_prompt, allowed_special="all") if enc else None
+    if prompt and len(prompt) >= args.sample_length:
+        raise UserError(f"--sample_length {args.sample_length} counts the prompt's {len(prompt)} tokens: make it "
+                        "longer, or nothing is sampled")
 
     # the precision
     amp_dtype = autocast_dtype(args.dtype, device_type)

@@ -11,7 +11,9 @@
 #   2. train_gpt2.py, 124M, compiled, bf16, its defaults, with val loss, HellaSwag, sampling and a
 #      checkpoint every 10 steps: it runs, and compiles a bounded number of times (TORCH_LOGS=recompiles)
 # Needs the GPT-2 BPE files in $TIKTOKEN_CACHE_DIR (tools/offline_tokenizer.py) when offline.
-# SMOKE=1 runs the same stages on the CPU at toy sizes, to check this script before spending GPU time.
+# SMOKE=1 runs the same stages on the CPU at toy sizes, to check this script before spending GPU time: the
+# bench uncompiled (so its compile levers change nothing there), the training run compiled, HellaSwag included.
+# Exit status: 0 when every stage exited 0, else 1.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_check}
@@ -19,14 +21,19 @@ SMOKE=${SMOKE:-0}
 BUDGET=${BUDGET:-540}
 TRAIN_CAP=${TRAIN_CAP:-150}
 END=$((SECONDS + BUDGET))
-mkdir -p "$OUT"
+if [ "$BUDGET" -lt $((TRAIN_CAP + 60)) ]; then
+    echo "error: BUDGET ($BUDGET s) must leave the bench a minute beyond TRAIN_CAP ($TRAIN_CAP s)" >&2; exit 1
+fi
+mkdir -p "$OUT" || { echo "error: cannot create OUT=$OUT" >&2; exit 1; }
 DATA=$(mktemp -d)
 LOGDIR=$(mktemp -d)
+trap 'rm -rf "$DATA" "$LOGDIR"' EXIT  # the data and the checkpoints (1.5 GB each on a GPU) go, however it ends
+failed=0
 VARIANTS=(ours plain ours+coordtune ours+cudagraphs ours+autotune baseline ours+fp8 ours+cudnn ours+unpinned plain+fp8)
 if [ "$SMOKE" = 1 ]; then
     SIZE=(--batch_size 2 --seq_len 64 --device cpu)
     BENCH=(--total_batch_size 256 --steps 2 --warmup 1 --profile 3 --no_compile --n_layer 2 --n_head 2 --n_embd 64)
-    TRAIN=(--total_batch_size 256 --n_layer 2 --n_head 2 --n_embd 64 --compile off --hellaswag_every 0)
+    TRAIN=(--total_batch_size 256 --n_layer 2 --n_head 2 --n_embd 64 --compile on --hellaswag_every 10)
 else
     SIZE=()
     BENCH=(--steps 6 --warmup 2 --profile 8)
@@ -35,7 +42,7 @@ else
 fi
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
-python3 - "$DATA" <<'PY'
+python3 - "$DATA" "$([ "$SMOKE" = 1 ] && echo 64 || echo 2000)" <<'PY' || { echo "error: preparing the data failed (see above)" >&2; exit 1; }
 import json, os, sys
 import numpy as np
 sys.path.insert(0, "bench")
@@ -45,21 +52,24 @@ rng = np.random.default_rng(0)
 np.save(f"{data}/random_val_000000.npy", rng.integers(0, 50257, 4_000_000, dtype=np.uint16))
 np.save(f"{data}/random_train_000001.npy", rng.integers(0, 50257, 20_000_000, dtype=np.uint16))
 with open(f"{data}/hellaswag.jsonl", "w") as f:
-    for ex in synthetic_examples(2000):
+    for ex in synthetic_examples(int(sys.argv[2])):  # HellaSwag examples
         f.write(json.dumps(ex) + "\n")
 PY
 
 echo "== 1. the training step against the lecture's"
 timeout $((END - TRAIN_CAP - SECONDS)) python3 bench/train_speed.py --baseline --variants "${VARIANTS[@]}" \
     "${SIZE[@]}" "${BENCH[@]}" > "$OUT/train_speed.log" 2>&1
-echo "exit $? (124: cut at the time limit)"; grep -v "^ *losses\|^USDT\|^STAGE:" "$OUT/train_speed.log"
+status=$?; [ $status = 0 ] || failed=1
+echo "exit $status (124: cut at the time limit)"; grep -v "^ *losses\|^USDT\|^STAGE:" "$OUT/train_speed.log"
 
 echo "== 2. compiled training with the trainer's defaults and evaluations in the loop"
 left=$((END - SECONDS))
 TORCH_LOGS=recompiles timeout $((left > 10 ? left : 10)) python3 train_gpt2.py --data "$DATA" --max_steps 20 \
     --eval_every 10 --val_steps 5 --hellaswag_data "$DATA/hellaswag.jsonl" --sample_every 10 --checkpoint_every 10 \
     --log_dir "$LOGDIR" "${SIZE[@]}" "${TRAIN[@]}" > "$OUT/train.log" 2>&1
-echo "exit $?"; grep -v "^step" "$OUT/train.log" | grep -v "^rank" | tail -20; grep "^step" "$OUT/train.log" | tail -3
-echo "recompiles: $(grep -c -i 'recompil' "$OUT/train.log")"; cp "$LOGDIR/log.txt" "$OUT/train_records.txt"
+status=$?; [ $status = 0 ] || failed=1
+echo "exit $status"; grep -v "^step" "$OUT/train.log" | grep -v "^rank" | tail -20; grep "^step" "$OUT/train.log" | tail -3
+echo "recompiles: $(grep -c 'Recompiling function' "$OUT/train.log")"  # one line each (TORCH_LOGS prints more)
+cp "$LOGDIR/log.txt" "$OUT/train_records.txt"
 ls -la "$LOGDIR" | tail -4
-rm -rf "$DATA" "$LOGDIR"
+exit $failed

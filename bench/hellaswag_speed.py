@@ -22,7 +22,7 @@ from torch.nn import functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hellaswag  # noqa: E402
 from train_gpt2 import (GPT, GPT2_SIZES, GPTConfig, UserError, autocast, autocast_dtype, gpt2_tokenizer,  # noqa: E402
-                        run_cli, setup_device)
+                        run_cli, setup_device, usage_error)
 
 FULL = 10042  # examples in HellaSwag's validation split
 
@@ -69,6 +69,7 @@ def timed(fn, device):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.error = usage_error  # one line, not the usage text
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--model", default="gpt2", help=f"{', '.join(GPT2_SIZES)} or tiny (2 layers, 128 wide)")
     p.add_argument("--data", help="HellaSwag file (jsonl or parquet); default: synthetic examples")
@@ -135,7 +136,7 @@ def main():
         (sums, counts), t = timed(score, device)
         n, per = len(single), t / len(examples)
         report(f"{label} x{batch_size}", t, len(examples),
-                     f"{per_single / per:5.1f}x faster, {per_lecture / per:5.1f}x than the lecture code "
+                     f"{per_single / per:5.1f}x the speed of one per forward, {per_lecture / per:5.1f}x the lecture code's "
                      f"(first pass {t_first:.1f} s; same predictions as one per forward: acc "
                      f"{same(sums[:n], s_sums):.3f}, acc_norm {same((sums / counts)[:n], s_sums / s_counts):.3f})")
 

@@ -189,6 +189,7 @@ def measure(name, args, shards, device):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    p.error = tg.usage_error  # one line, not the usage text
     p.add_argument("--variants", nargs="+", default=["ours"],
                    help="what to time, in this order (a name may come twice, to see the spread); ratios and "
                    "loss differences are against the first. 'baseline', or levers joined by '+': "
@@ -244,8 +245,8 @@ def main():
         else:  # random tokens, enough for a few steps; the loader goes round them again after that
             micro_batches = 8 * args.batch_size * args.seq_len
             shards = [np.random.default_rng(0).integers(0, 50257, micro_batches + 1, dtype=np.uint16)]
-    except tg.UserError as e:
-        sys.exit(f"error: {e}")
+    except (tg.UserError, MemoryError, ValueError) as e:  # ValueError: numpy's, for sizes past any memory
+        sys.exit(f"error: {tg.first_line(e)}")
     peak = tg.peak_flops(args.device.split(":")[0])
     first, width = None, max(map(len, args.variants))
     for name in args.variants:
@@ -269,6 +270,8 @@ def main():
         print(f"{'':{width}s} losses {' '.join(f'{x:.4f}' for x in losses)}", flush=True)
         for line in report:
             print(line, flush=True)
+    if first is None:
+        sys.exit("error: every variant failed (see above)")
 
 
 if __name__ == "__main__":

