@@ -167,13 +167,20 @@ def holds_no_rows(path, kind):
     except Exception:
         return False
     schema, rows = footer.schema_arrow, footer.metadata.num_rows
-    if rows and "text" not in schema.names:
-        fail(f"{path} has no 'text' column (columns: {', '.join(schema.names)})")
-    text = schema.field("text").type if rows else None
-    text = getattr(text, "value_type", text)  # dictionary-encoded (pandas or polars categories): its values
-    if rows and str(text) not in ("string", "large_string", "null"):
-        fail(f"{path}: column 'text' holds {text}, not strings")
+    if rows:
+        text = schema.field("text").type if "text" in schema.names else None
+        text = getattr(text, "value_type", text)  # dictionary-encoded (pandas or polars categories): its values
+        check_text_column(path, schema.names, str(text))
     return rows == 0
+
+
+def check_text_column(where, columns, dtype):
+    """Fail unless the columns hold 'text' of a string type (dtype, its type's name). null: a column of missing
+    texts only, empty documents like any missing text."""
+    if "text" not in columns:
+        fail(f"{where} has no 'text' column (columns: {', '.join(columns)})")
+    if dtype not in ("string", "large_string", "null"):
+        fail(f"{where}: column 'text' holds {dtype}, not strings")
 
 
 def open_source(source):
@@ -192,14 +199,10 @@ def open_source(source):
             ds = datasets.load_dataset(source["dataset"], name=source["config"], split="train", streaming=True)
     except Exception as e:
         fail(f"cannot open {where}: {one_line(e)}")
-    features = ds.features or {}
-    if ds.features is not None and "text" not in features:
-        fail(f"{where} has no 'text' column (columns: {', '.join(features)})")
-    text = features.get("text", datasets.Value("string"))
-    dtype = getattr(text, "dtype", f"{type(text).__name__} values")  # Json: of mixed types, which datasets quotes
-    # null: a column of missing texts only, empty documents like any missing text
-    if not isinstance(text, datasets.Value) or dtype not in ("string", "large_string", "null"):
-        fail(f"{where}: column 'text' holds {dtype}, not strings")
+    if ds.features is not None:  # None: not known before reading
+        text = ds.features.get("text")  # Json: of mixed types, which datasets quotes
+        dtype = text.dtype if isinstance(text, datasets.Value) else f"{type(text).__name__} values"
+        check_text_column(where, list(ds.features), dtype)
     return ds.select_columns(["text"])
 
 

