@@ -1107,7 +1107,8 @@ def parse_args(argv=None):
       help="autocast dtype; auto: bf16 on CUDA (fp16 + GradScaler without bf16), fp32 elsewhere")
     a("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile; auto: on for CUDA")
     a("--compile_mode", default="default", choices=["default", "max-autotune-no-cudagraphs", "max-autotune"],
-      help="torch.compile mode: autotune the matmul kernels (slow to compile), with CUDA graphs or without")
+      help="torch.compile mode: autotune the matmul kernels (slow to compile), with CUDA graphs or without; at "
+      "124M on an H200, cuBLAS beat every autotuned kernel")
     a("--fp8", action="store_true", help="run the blocks' training matmuls in FP8 (GPUs of compute capability "
       "8.9+: Ada, Hopper); not the lecture's bf16 numerics, and at 124M slower (5-7%% on an H200); the lm_head "
       "and evaluation stay bf16")

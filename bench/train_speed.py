@@ -43,7 +43,7 @@ LEVERS = {
     "unpinned": dict(pin=False),                          # batches from pageable memory: what pinning gives
     "cudnn": dict(sdpa="CUDNN_ATTENTION"),                # attention by cuDNN instead of flash
     "autotune": dict(mode="max-autotune-no-cudagraphs"),  # --compile_mode
-    "cudagraphs": dict(mode="max-autotune"),
+    "cudagraphs": dict(mode="reduce-overhead"),           # CUDA graphs without autotuning (bench only, until measured)
     "coordtune": dict(inductor={"coordinate_descent_tuning": True}),  # inductor tunes its Triton kernels' tiles
 }
 
@@ -59,8 +59,8 @@ KINDS = [*KERNEL_KINDS, "fused by compile", "other"]
 
 def variant(name):
     """The lever settings of a variant name; anything not set is the trainer's default."""
-    if name == "baseline":
-        return dict(lecture=True, pin=False)
+    if name == "baseline":  # the full logits whatever the trainer's default loss is
+        return dict(lecture=True, pin=False, chunk=0)
     settings = {}
     for lever in name.split("+"):
         rows = lever[len("chunked"):]  # "chunked16384": the chunked loss at 16384 rows

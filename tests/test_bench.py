@@ -39,6 +39,21 @@ def test_train_speed_bench_profile_says_where_the_step_time_goes():
         assert top == sorted(top, reverse=True) and float(total) > 0
 
 
+def test_the_lecture_step_takes_the_loss_of_the_full_logits():
+    # the lecture's step must not pick up the trainer's default loss (chunked): its profile holds the plain
+    # cross-entropy's ops (log_softmax, nll_loss) and none of the chunked loss's (logsumexp, scatter_add_)
+    r = run_script([sys.executable, "bench/train_speed.py", "--baseline", "--variants", "ours", "--profile", "500",
+                    "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "2", "--seq_len", "16",
+                    "--total_batch_size", "32", "--steps", "1", "--warmup", "1", "--no_compile", "--device", "cpu",
+                    "--dtype", "fp32"])
+    assert r.returncode == 0, r.stderr
+    reports = dict(re.findall(r"^(\S+) profile: .*\n((?: +\S+% +\S+ ms +\d+x  .*\n)+)", r.stdout, re.M))
+    ops = {name: set(re.findall(r"x  (aten::\w+)", lines)) for name, lines in reports.items()}
+    assert {"aten::nll_loss_forward", "aten::_log_softmax"} <= ops["baseline"], r.stdout
+    assert not {"aten::logsumexp", "aten::scatter_add_"} & ops["baseline"], r.stdout
+    assert {"aten::logsumexp", "aten::scatter_add_"} <= ops["ours"], r.stdout
+
+
 def test_kernel_kinds_of_cuda_kernel_names():
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     from train_speed import kernel_kind
