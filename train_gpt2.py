@@ -367,6 +367,8 @@ def gpt2_tokenizer():
 
 
 def load_shard(path):
+    if not os.path.isfile(path):  # a folder, or a pipe that np.load would wait on for ever
+        raise UserError(f"shard {path} is not a regular file")
     try:
         tokens = np.load(path, mmap_mode="r")  # memory-mapped: a shard costs no RAM until read
     except Exception as e:

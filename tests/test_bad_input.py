@@ -33,6 +33,9 @@ def d(tmp_path_factory):
     write_shards(str(d / "int32"), {"val": [5000], "train": [5000]}, dtype=np.int32)
     write_shards(str(d / "short"), {"val": [50], "train": [50]})
     (d / "empty").mkdir()
+    write_shards(str(d / "fifo"), {"val": [5000], "train": [5000]})
+    os.unlink(d / "fifo" / "edufineweb_train_000000.npy")
+    os.mkfifo(d / "fifo" / "edufineweb_train_000000.npy")  # np.load would wait for a writer for ever
     (d / "binary.txt").write_bytes(b"\xff\xfe\x00\x81" * 100)
     data = (d / "run" / "model_00001.pt").read_bytes()
     (d / "truncated.pt").write_bytes(data[:len(data) // 3])
@@ -94,8 +97,12 @@ def snapshot(folder):
     files = {}
     for root, _, names in os.walk(folder):
         for name in names:
-            with open(os.path.join(root, name), "rb") as f:
-                files[os.path.relpath(os.path.join(root, name), folder)] = hashlib.sha1(f.read()).hexdigest()
+            path = os.path.join(root, name)
+            if not os.path.isfile(path):  # a pipe: reading it would wait for a writer
+                files[os.path.relpath(path, folder)] = "not a regular file"
+                continue
+            with open(path, "rb") as f:
+                files[os.path.relpath(path, folder)] = hashlib.sha1(f.read()).hexdigest()
     return files
 
 
@@ -110,6 +117,7 @@ CASES = [
     ("train_gpt2.py", ["--data", "{d}/short"], "too few for one micro-batch"),
     ("train_gpt2.py", ["--data", "{d}/binary.txt"], "cannot read text file"),
     ("train_gpt2.py", ["--data", "{d}/int32/edufineweb_val_000000.npy"], "is one shard: --data takes the folder"),
+    ("train_gpt2.py", ["--data", "{d}/fifo"], "shard {d}/fifo/edufineweb_train_000000.npy is not a regular file"),
     ("train_gpt2.py", ["--total_batch_size", "1000"], "try --total_batch_size 1024 or 896"),
     ("train_gpt2.py", ["--batch_size", "3"], "not divisible"),
     ("train_gpt2.py", ["--model", "gpt5"], "unknown --model 'gpt5'"),
