@@ -5,11 +5,17 @@ import sys
 
 from helpers import ROOT, run_script
 
+# bench/train_speed.py at a toy size on the CPU, in fp32: one warm-up and one timed step
+TOY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--batch_size", "2", "--seq_len", "32",
+       "--total_batch_size", "128", "--steps", "1", "--warmup", "1", "--no_compile", "--device", "cpu", "--dtype", "fp32"]
+
+
+def train_speed(*args, timeout=600):
+    return run_script([sys.executable, "bench/train_speed.py", *TOY, *args], timeout=timeout)
+
 
 def test_train_speed_bench_compares_variants_on_the_same_batches():
-    r = run_script([sys.executable, "bench/train_speed.py", "--baseline", "--variants", "ours", "plain+unpinned",
-                    "chunked50", "--batch_size", "2", "--seq_len", "32", "--total_batch_size", "128", "--steps", "1",
-                    "--warmup", "1", "--no_compile", "--device", "cpu", "--dtype", "fp32"])
+    r = train_speed("--baseline", "--variants", "ours", "plain+unpinned", "chunked50")
     assert r.returncode == 0, r.stderr
     rows = re.findall(r"^([\w+]+) +\d.* tok/s .*\|dloss\| (\S+)\s+(\S+)x$", r.stdout, re.M)
     assert [name for name, _, _ in rows] == ["baseline", "ours", "plain+unpinned", "chunked50"], r.stdout
@@ -22,10 +28,7 @@ def test_train_speed_bench_compares_variants_on_the_same_batches():
 
 
 def test_train_speed_bench_profile_says_where_the_step_time_goes():
-    r = run_script([sys.executable, "bench/train_speed.py", "--variants", "ours", "plain", "--profile", "3",
-                    "--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--batch_size", "2", "--seq_len", "32",
-                    "--total_batch_size", "128", "--steps", "1", "--warmup", "1", "--no_compile", "--device", "cpu",
-                    "--dtype", "fp32"])
+    r = train_speed("--variants", "ours", "plain", "--profile", "3")
     assert r.returncode == 0, r.stderr
     reports = re.findall(r"^(\S+) profile: kernels (\S+) ms of the (\S+) ms step \(\d+%\): (.*)\n"
                          r"((?: +\S+% +\S+ ms +\d+x  .*\n){3})", r.stdout, re.M)
@@ -42,10 +45,7 @@ def test_train_speed_bench_profile_says_where_the_step_time_goes():
 def test_the_lecture_step_takes_the_loss_of_the_full_logits():
     # the lecture's step must not pick up the trainer's default loss (chunked): its profile holds the plain
     # cross-entropy's ops (log_softmax, nll_loss) and none of the chunked loss's (logsumexp, scatter_add_)
-    r = run_script([sys.executable, "bench/train_speed.py", "--baseline", "--variants", "ours", "--profile", "500",
-                    "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "2", "--seq_len", "16",
-                    "--total_batch_size", "32", "--steps", "1", "--warmup", "1", "--no_compile", "--device", "cpu",
-                    "--dtype", "fp32"])
+    r = train_speed("--baseline", "--variants", "ours", "--profile", "500")
     assert r.returncode == 0, r.stderr
     reports = dict(re.findall(r"^(\S+) profile: .*\n((?: +\S+% +\S+ ms +\d+x  .*\n)+)", r.stdout, re.M))
     ops = {name: set(re.findall(r"x  (aten::\w+)", lines)) for name, lines in reports.items()}
@@ -106,14 +106,12 @@ def test_fineweb_speed_bench_bad_input_is_one_line(tmp_path):
 
 def test_train_and_hellaswag_speed_bench_bad_input_is_one_line(tmp_path):
     """argparse's own errors were its usage text; a bench whose every variant failed exited 0."""
-    tiny = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--batch_size", "2", "--seq_len", "32",
-            "--total_batch_size", "128", "--steps", "1", "--warmup", "0", "--no_compile", "--device", "cpu"]
     for script, args, message in [
             ("train_speed.py", ["--variants", "bogus"], "unknown lever"),
             ("train_speed.py", ["--steps", "0"], "--steps must be positive"),
             ("train_speed.py", ["--dtype", "fp8"], "argument --dtype: invalid choice"),
             ("train_speed.py", ["--batch_size", str(2**40), "--total_batch_size", str(2**50)], "error: "),
-            ("train_speed.py", [*tiny, "--variants", "cudnn", "ours+cudnn"], "every variant failed"),
+            ("train_speed.py", [*TOY, "--variants", "cudnn", "ours+cudnn"], "every variant failed"),
             ("hellaswag_speed.py", ["--limit", "0"], "must be positive"),
             ("hellaswag_speed.py", ["--dtype", "fp16"], "argument --dtype: invalid choice")]:
         r = run_script([sys.executable, f"bench/{script}", *args], timeout=300)
