@@ -3,9 +3,9 @@
 # its summary, and the bench prints each variant as it finishes, so a run cut short still leaves what ran.
 # All of it ends within $BUDGET seconds (default 540): the bench gets all but the last $TRAIN_CAP (150).
 #   1. bench/train_speed.py at B=64, T=1024, what is still unmeasured: the lecture's step, ours (the
-#      trainer's defaults: the chunked loss), the full logits, CUDA graphs (mode reduce-overhead), the flash
-#      attention kernels (torch 2.11 picks cuDNN's), and the lecture's step again (the spread from run to
-#      run). Each variant then profiles one step: what share of the step the kernels fill, their time by kind
+#      trainer's defaults: the chunked loss), the full logits, the flash attention kernels (torch 2.11 picks
+#      cuDNN's), CUDA graphs (mode reduce-overhead), and the lecture's step again (the spread from run to
+#      run: last, as the first to give up if time runs short; about a minute a variant on an H200). Each variant then profiles one step: what share of the step the kernels fill, their time by kind
 #      and the 25 longest (--profile). Measured on an H200 before and not run again (bench/RESULTS.md): FP8,
 #      cuDNN attention, pageable batches, chunk sizes, coordinate-descent tuning, max-autotune (its Triton
 #      matmuls lost to cuBLAS at every shape, after minutes of tuning)
@@ -30,7 +30,7 @@ DATA=$(mktemp -d)
 LOGDIR=$(mktemp -d)
 trap 'rm -rf "$DATA" "$LOGDIR"' EXIT  # the data and the checkpoints (1.5 GB each on a GPU) go, however it ends
 failed=0
-VARIANTS=(ours plain ours+cudagraphs ours+flash baseline)
+VARIANTS=(ours plain ours+flash ours+cudagraphs baseline)
 if [ "$SMOKE" = 1 ]; then
     SIZE=(--batch_size 2 --seq_len 64 --device cpu)
     BENCH=(--total_batch_size 256 --steps 2 --warmup 1 --profile 3 --no_compile --n_layer 2 --n_head 2 --n_embd 64)
