@@ -10,7 +10,9 @@
 #      cuDNN attention, pageable batches, chunk sizes, coordinate-descent tuning, max-autotune (its Triton
 #      matmuls lost to cuBLAS at every shape, after minutes of tuning)
 #   2. train_gpt2.py, 124M, compiled, bf16, its defaults, with val loss, HellaSwag, sampling and a
-#      checkpoint every 10 steps: it runs, and compiles a bounded number of times (TORCH_LOGS=recompiles)
+#      checkpoint every 10 steps: it runs, and compiles a bounded number of times (TORCH_LOGS=recompiles).
+#      The Python inductor generates for it (its graphs' code and their Triton kernels) goes to
+#      $OUT/inductor_code.tgz: what each fused kernel reads and writes, for sizing hand-written ones
 # Needs the GPT-2 BPE files in $TIKTOKEN_CACHE_DIR (tools/offline_tokenizer.py) when offline.
 # SMOKE=1 runs the same stages on the CPU at toy sizes, to check this script before spending GPU time: the
 # bench uncompiled (so its compile levers change nothing there), the training run compiled, HellaSwag included.
@@ -65,12 +67,14 @@ echo "exit $status (124: cut at the time limit)"; grep -v "^ *losses\|^USDT\|^ST
 
 echo "== 2. compiled training with the trainer's defaults and evaluations in the loop"
 left=$((END - SECONDS))
-TORCH_LOGS=recompiles timeout $((left > 10 ? left : 10)) python3 train_gpt2.py --data "$DATA" --max_steps 20 \
+TORCHINDUCTOR_CACHE_DIR="$LOGDIR/inductor" TORCH_LOGS=recompiles timeout $((left > 10 ? left : 10)) python3 train_gpt2.py --data "$DATA" --max_steps 20 \
     --eval_every 10 --val_steps 5 --hellaswag_data "$DATA/hellaswag.jsonl" --sample_every 10 --checkpoint_every 10 \
     --log_dir "$LOGDIR" "${SIZE[@]}" "${TRAIN[@]}" > "$OUT/train.log" 2>&1
 status=$?; [ $status = 0 ] || failed=1
 echo "exit $status"; grep -v "^step" "$OUT/train.log" | grep -v "^rank" | tail -20; grep "^step" "$OUT/train.log" | tail -3
 echo "recompiles: $(grep -c 'Recompiling function' "$OUT/train.log")"  # one line each (TORCH_LOGS prints more)
 cp "$LOGDIR/log.txt" "$OUT/train_records.txt"
-ls -la "$LOGDIR" | tail -4
+(cd "$LOGDIR/inductor" && find . -name "*.py" -print0 | tar czf "$OUT/inductor_code.tgz" --null -T -) \
+    || echo "no inductor code saved"
+ls -la "$LOGDIR" | grep model_
 exit $failed
