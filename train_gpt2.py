@@ -604,7 +604,7 @@ def generate(model, tokens, num_samples, length, device, generator, amp, vocab_l
 
 
 # dense bf16 tensor-core peak of common cards (V100, T4: fp16), for MFU; the first name contained in the card's wins
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
                    "L40": 181e12, "A10": 125e12, "L4": 121e12, "4090": 165e12, "3090": 71e12, "V100": 125e12,
                    "T4": 65e12}
 
@@ -1265,6 +1265,8 @@ def setup_device(device_arg, timeout=600):
     if int(index or 0) >= count:
         raise UserError(f"--device {device_arg}: no such device here (PyTorch sees {count} {kind} device(s))")
     if "RANK" not in os.environ:
+        if kind == "cuda" and index:  # cuda:N becomes the current GPU, which memory stats and the card's name are of
+            torch.cuda.set_device(device_arg)
         return 0, 0, 1, device_arg
     missing = [v for v in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
     if missing:

@@ -23,6 +23,7 @@ CPU the same accounting is of aten ops (the profiler slows them, so their share 
 import argparse
 import contextlib
 import gc
+import math
 import os
 import sys
 import time
@@ -81,8 +82,9 @@ def model_config(args):
     return tg.GPTConfig(block_size, 50304, args.n_layer or n_layer, args.n_head or n_head, args.n_embd or n_embd)
 
 
-def lecture_step(model, optimizer, loader, grad_accum_steps, lr, amp, device):
-    """The lecture's optimizer step, kept as the reference point."""
+def lecture_step(model, optimizer, loader, grad_accum_steps, lr, amp, scaler, device):
+    """The lecture's optimizer step, kept as the reference point. The scaler is fp16's (--dtype fp16), as in ours;
+    in bf16 or fp32 it is off, and each of its calls passes straight through."""
     optimizer.zero_grad()
     loss_accum = 0.0
     for _ in range(grad_accum_steps):
@@ -92,11 +94,13 @@ def lecture_step(model, optimizer, loader, grad_accum_steps, lr, amp, device):
             logits, loss = model(x, y)
         loss = loss / grad_accum_steps
         loss_accum += loss.detach()
-        loss.backward()
+        scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    optimizer.step()
+    scaler.step(optimizer)
+    scaler.update()
     return loss_accum, norm
 
 
@@ -166,7 +170,7 @@ def measure(name, args, shards, device):
 
     def step():
         if lever.get("lecture"):
-            loss, _ = lecture_step(compiled, optimizer, loader, accum, 6e-4, amp, device)
+            loss, _ = lecture_step(compiled, optimizer, loader, accum, 6e-4, amp, scaler, device)
         else:
             loss, _ = tg.train_step(compiled, optimizer, loader, accum, 6e-4, amp, scaler, 1.0, device)
         return loss.item()  # one host sync per step, as both loops do
@@ -265,7 +269,8 @@ def main():
         first = first or (tok_s, losses)
         mfu = f"{100 * flops * tok_s / peak:5.1f}%" if peak else "  n/a"
         memory = f"{mem[0] / 2**30:6.2f} ({mem[1] / 2**30:6.2f}) GiB" if mem else "n/a"
-        diff = max(abs(a - b) for a, b in zip(losses, first[1]))
+        diffs = [abs(a - b) for a, b in zip(losses, first[1])]
+        diff = next((d for d in diffs if not math.isfinite(d)), max(diffs))  # max() would pass over a NaN
         print(f"{name:{width}s} {dt * 1000:8.1f} ms/step {tok_s:11,.0f} tok/s {flops * tok_s / 1e12:6.1f} TFLOP/s "
               f"MFU {mfu}  mem {memory}  |dloss| {diff:.4f}  {tok_s / first[0]:.3f}x", flush=True)
         print(f"{'':{width}s} losses {' '.join(f'{x:.4f}' for x in losses)}", flush=True)

@@ -1,4 +1,5 @@
 """bench/train_speed.py runs on the CPU at toy sizes, and its variants train the same numbers."""
+import contextlib
 import os
 import re
 import sys
@@ -118,3 +119,69 @@ def test_train_and_hellaswag_speed_bench_bad_input_is_one_line(tmp_path):
         assert r.returncode in (1, 2) and "Traceback" not in r.stderr, r.stderr
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, r.stderr)
+
+
+def test_a_loss_that_turns_nan_is_no_match(monkeypatch, capsys):
+    """max() passes over a NaN that is not first: a lever diverging after its first step printed |dloss| 0.0000."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import train_speed
+    losses = {"ours": [10.86, 10.81, 10.80], "plain": [10.86, float("nan"), float("nan")]}
+    monkeypatch.setattr(train_speed, "measure", lambda name, *a: (0.1, None, losses[name], 1e6, []))
+    monkeypatch.setattr(sys, "argv", ["train_speed.py", *TOY, "--variants", "ours", "plain"])
+    train_speed.main()
+    rows = dict(re.findall(r"^(\w+) .*\|dloss\| (\S+)", capsys.readouterr().out, re.M))
+    assert rows == {"ours": "0.0000", "plain": "nan"}
+
+
+def test_the_lecture_step_uses_the_fp16_scaler_as_ours_does():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import numpy as np
+    import torch
+
+    import train_gpt2 as tg
+    from train_speed import lecture_step
+
+    class Scaler:  # passes everything through, counting the calls
+        def __init__(self):
+            self.calls = []
+
+        def scale(self, loss):
+            self.calls.append("scale")
+            return loss
+
+        def unscale_(self, optimizer):
+            self.calls.append("unscale_")
+
+        def step(self, optimizer):
+            self.calls.append("step")
+            optimizer.step()
+
+        def update(self):
+            self.calls.append("update")
+
+    torch.manual_seed(0)
+    model = tg.GPT(tg.GPTConfig(16, 64, 1, 2, 16))
+    optimizer = model.configure_optimizers(0.1, 1e-3, "cpu")
+    loader = tg.DataLoader([np.arange(200, dtype=np.uint16) % 64], 2, 16)
+    before = model.lm_head.weight.detach().clone()
+    scaler = Scaler()
+    lecture_step(model, optimizer, loader, 2, 1e-3, contextlib.nullcontext(), scaler, "cpu")
+    assert scaler.calls == ["scale", "scale", "unscale_", "step", "update"]
+    assert not torch.equal(before, model.lm_head.weight)  # the step went through the scaler to the optimizer
+
+
+def test_cuda_n_becomes_the_current_gpu_and_mfu_knows_the_card(monkeypatch):
+    """Memory stats, the card's name and its peak are of the current GPU: --device cuda:1 has to make it so."""
+    import torch
+
+    import train_gpt2 as tg
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert tg.setup_device("cuda:1") == (0, 0, 1, "cuda:1") and chosen == ["cuda:1"]
+    assert tg.setup_device("cuda") == (0, 0, 1, "cuda") and chosen == ["cuda:1"]  # the current one already
+    for name, peak in [("NVIDIA H100 NVL", 835e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                       ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-40GB", 312e12), ("Some New GPU", None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, name=name: name)
+        assert tg.peak_flops("cuda") == peak, name
