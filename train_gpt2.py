@@ -604,9 +604,9 @@ def generate(model, tokens, num_samples, length, device, generator, amp, vocab_l
 
 
 # dense bf16 tensor-core peak of common cards (V100, T4: fp16), for MFU; the first name contained in the card's wins
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
-                   "L40": 181e12, "A10": 125e12, "L4": 121e12, "4090": 165e12, "3090": 71e12, "V100": 125e12,
-                   "T4": 65e12}
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "A100": 312e12,
+                   "L40S": 362e12, "L40": 181e12, "A10": 125e12, "L4": 121e12, "4090": 165e12, "3090": 71e12,
+                   "V100": 125e12, "T4": 65e12}
 
 
 def peak_flops(device_type):

@@ -5,10 +5,11 @@
 #   1. bench/train_speed.py at B=64, T=1024, what is still unmeasured: the lecture's step, ours (the
 #      trainer's defaults: the chunked loss), the full logits, the flash attention kernels (torch 2.11 picks
 #      cuDNN's), CUDA graphs (mode reduce-overhead), and the lecture's step again (the spread from run to
-#      run: last, as the first to give up if time runs short; about a minute a variant on an H200). Each variant then profiles one step: what share of the step the kernels fill, their time by kind
-#      and the 25 longest (--profile). Measured on an H200 before and not run again (bench/RESULTS.md): FP8,
-#      cuDNN attention, pageable batches, chunk sizes, coordinate-descent tuning, max-autotune (its Triton
-#      matmuls lost to cuBLAS at every shape, after minutes of tuning)
+#      run: last, as the first to give up if time runs short; about a minute a variant on an H200). Each
+#      variant then profiles one step: what share of the step the kernels fill, their time by kind and the 25
+#      longest (--profile). Measured on an H200 before and not run again (bench/RESULTS.md): FP8, cuDNN
+#      attention, pageable batches, chunk sizes, coordinate-descent tuning, max-autotune (its Triton matmuls
+#      lost to cuBLAS at every shape, after minutes of tuning)
 #   2. train_gpt2.py, 124M, compiled, bf16, its defaults, with val loss, HellaSwag, sampling and a
 #      checkpoint every 10 steps: it runs, and compiles a bounded number of times (TORCH_LOGS=recompiles).
 #      The Python inductor generates for it (its graphs' code and their Triton kernels) goes to
@@ -67,9 +68,9 @@ echo "exit $status (124: cut at the time limit)"; grep -v "^ *losses\|^USDT\|^ST
 
 echo "== 2. compiled training with the trainer's defaults and evaluations in the loop"
 left=$((END - SECONDS))
-TORCHINDUCTOR_CACHE_DIR="$LOGDIR/inductor" TORCH_LOGS=recompiles timeout $((left > 10 ? left : 10)) python3 train_gpt2.py --data "$DATA" --max_steps 20 \
-    --eval_every 10 --val_steps 5 --hellaswag_data "$DATA/hellaswag.jsonl" --sample_every 10 --checkpoint_every 10 \
-    --log_dir "$LOGDIR" "${SIZE[@]}" "${TRAIN[@]}" > "$OUT/train.log" 2>&1
+TORCHINDUCTOR_CACHE_DIR="$LOGDIR/inductor" TORCH_LOGS=recompiles timeout $((left > 10 ? left : 10)) \
+    python3 train_gpt2.py --data "$DATA" --max_steps 20 --eval_every 10 --val_steps 5 \
+    --hellaswag_data "$DATA/hellaswag.jsonl" --sample_every 10 --checkpoint_every 10 --log_dir "$LOGDIR" "${SIZE[@]}" "${TRAIN[@]}" > "$OUT/train.log" 2>&1
 status=$?; [ $status = 0 ] || failed=1
 echo "exit $status"; grep -v "^step" "$OUT/train.log" | grep -v "^rank" | tail -20; grep "^step" "$OUT/train.log" | tail -3
 echo "recompiles: $(grep -c 'Recompiling function' "$OUT/train.log")"  # one line each (TORCH_LOGS prints more)
