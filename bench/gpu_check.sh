@@ -70,7 +70,8 @@ echo "== 2. compiled training with the trainer's defaults and evaluations in the
 left=$((END - SECONDS))
 TORCHINDUCTOR_CACHE_DIR="$LOGDIR/inductor" TORCH_LOGS=recompiles timeout $((left > 10 ? left : 10)) \
     python3 train_gpt2.py --data "$DATA" --max_steps 20 --eval_every 10 --val_steps 5 \
-    --hellaswag_data "$DATA/hellaswag.jsonl" --sample_every 10 --checkpoint_every 10 --log_dir "$LOGDIR" "${SIZE[@]}" "${TRAIN[@]}" > "$OUT/train.log" 2>&1
+    --hellaswag_data "$DATA/hellaswag.jsonl" --sample_every 10 --checkpoint_every 10 \
+    --log_dir "$LOGDIR" "${SIZE[@]}" "${TRAIN[@]}" > "$OUT/train.log" 2>&1
 status=$?; [ $status = 0 ] || failed=1
 echo "exit $status"; grep -v "^step" "$OUT/train.log" | grep -v "^rank" | tail -20; grep "^step" "$OUT/train.log" | tail -3
 echo "recompiles: $(grep -c 'Recompiling function' "$OUT/train.log")"  # one line each (TORCH_LOGS prints more)
