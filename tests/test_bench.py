@@ -6,6 +6,8 @@ import sys
 
 from helpers import ROOT, run_script
 
+sys.path.insert(0, os.path.join(ROOT, "bench"))  # the bench scripts import as modules too
+
 # bench/train_speed.py at a toy size on the CPU, in fp32: one warm-up and one timed step
 TOY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--batch_size", "2", "--seq_len", "32",
        "--total_batch_size", "128", "--steps", "1", "--warmup", "1", "--no_compile", "--device", "cpu", "--dtype", "fp32"]
@@ -56,7 +58,6 @@ def test_the_lecture_step_takes_the_loss_of_the_full_logits():
 
 
 def test_kernel_kinds_of_cuda_kernel_names():
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
     from train_speed import kernel_kind
     names = {
         "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off":
@@ -76,7 +77,6 @@ def test_a_failing_profiler_costs_the_variant_its_report_only(monkeypatch):
     import argparse
 
     import numpy as np
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
     import train_speed
 
     def broken(step, device_type):
@@ -123,7 +123,6 @@ def test_train_and_hellaswag_speed_bench_bad_input_is_one_line(tmp_path):
 
 def test_a_loss_that_turns_nan_is_no_match(monkeypatch, capsys):
     """max() passes over a NaN that is not first: a lever diverging after its first step printed |dloss| 0.0000."""
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
     import train_speed
     losses = {"ours": [10.86, 10.81, 10.80], "plain": [10.86, float("nan"), float("nan")]}
     monkeypatch.setattr(train_speed, "measure", lambda name, *a: (0.1, None, losses[name], 1e6, []))
@@ -134,7 +133,6 @@ def test_a_loss_that_turns_nan_is_no_match(monkeypatch, capsys):
 
 
 def test_the_lecture_step_uses_the_fp16_scaler_as_ours_does():
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
     import numpy as np
     import torch
 
