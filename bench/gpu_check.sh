@@ -7,9 +7,9 @@
 #      cuDNN's), CUDA graphs (mode reduce-overhead), and the lecture's step again (the spread from run to
 #      run: last, as the first to give up if time runs short; about a minute a variant on an H200). Each
 #      variant then profiles one step: what share of the step the kernels fill, their time by kind and the 25
-#      longest (--profile). Measured on an H200 before and not run again (bench/RESULTS.md): FP8, cuDNN
-#      attention, pageable batches, chunk sizes, coordinate-descent tuning, max-autotune (its Triton matmuls
-#      lost to cuBLAS at every shape, after minutes of tuning)
+#      longest, with each fused kernel's GB/s (--profile). Measured on an H200 before and not run again
+#      (bench/RESULTS.md): FP8, cuDNN attention, pageable batches, chunk sizes, coordinate-descent tuning,
+#      max-autotune (its Triton matmuls lost to cuBLAS at every shape, after minutes of tuning)
 #   2. train_gpt2.py, 124M, compiled, bf16, its defaults, with val loss, HellaSwag, sampling and a
 #      checkpoint every 10 steps: it runs, and compiles a bounded number of times (TORCH_LOGS=recompiles).
 #      The Python inductor generates for it (its graphs' code and their Triton kernels) goes to
@@ -64,7 +64,8 @@ echo "== 1. the training step against the lecture's"
 timeout $((END - TRAIN_CAP - SECONDS)) python3 bench/train_speed.py --baseline --variants "${VARIANTS[@]}" \
     "${SIZE[@]}" "${BENCH[@]}" > "$OUT/train_speed.log" 2>&1
 status=$?; [ $status = 0 ] || failed=1
-echo "exit $status (124: cut at the time limit)"; grep -v "^ *losses\|^USDT\|^STAGE:" "$OUT/train_speed.log"
+echo "exit $status (124: cut at the time limit)"
+grep -v "^ *losses\|^USDT\|^STAGE:\|^Compiled module path" "$OUT/train_speed.log"
 
 echo "== 2. compiled training with the trainer's defaults and evaluations in the loop"
 left=$((END - SECONDS))

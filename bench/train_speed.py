@@ -17,8 +17,9 @@ TFLOP/s (6N + 12 L d T per token), MFU against the card's bf16 peak, and peak me
 
 --profile K runs one more step of each variant under torch.profiler and says where the time goes: how
 much of the timed step the kernels fill (the rest is the GPU waiting for the host), their time by kind
-(matmuls, attention, kernels fused by torch.compile, the optimizer, the rest) and the K longest. On the
-CPU the same accounting is of aten ops (the profiler slows them, so their share can pass 100% there).
+(matmuls, attention, kernels fused by torch.compile, the optimizer, the rest) and the K longest, with the
+GB/s of each fused kernel by the bytes inductor counts for it. On the CPU the same accounting is of aten
+ops (the profiler slows them, so their share can pass 100% there).
 """
 import argparse
 import contextlib
@@ -105,18 +106,25 @@ def lecture_step(model, optimizer, loader, grad_accum_steps, lr, amp, scaler, de
 
 
 def profile_step(step, device_type):
-    """[(name, microseconds, calls)] of the kernels (on the CPU: aten ops) of one call of step(), longest first."""
+    """[(name, microseconds, calls, GB)] of the kernels (on the CPU: aten ops) of one call of step(), longest
+    first. GB: what inductor's Triton kernels read and write in all, by inductor's own count (it passes it to
+    the profiler when compiled with benchmark_kernel; see measure), else None."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:  # record_shapes: the launches' kwargs too
         step()
+    moved = {}
+    for e in prof.events():
+        num_gb = (getattr(e, "kwinputs", None) or {}).get("kernel_num_gb")
+        if num_gb is not None:
+            moved[e.name] = moved.get(e.name, 0.0) + float(num_gb)
     events = prof.key_averages()
     if device_type == "cuda":  # the kernels themselves, not the CPU ops that launched them (counted twice)
         rows = [(e.key, e.self_device_time_total, e.count) for e in events if e.device_type != DeviceType.CPU]
     else:
         rows = [(e.key, e.self_cpu_time_total, e.count) for e in events]
-    return sorted([r for r in rows if r[1] > 0], key=lambda r: -r[1])
+    return sorted([(*r, moved.get(r[0])) for r in rows if r[1] > 0], key=lambda r: -r[1])
 
 
 def kernel_kind(name):
@@ -127,17 +135,20 @@ def kernel_kind(name):
 
 
 def profile_report(name, kernels, dt, top):
-    """Lines saying where a step's time went: the kernels' share of the timed step, by kind, and the longest."""
-    total = sum(us for _, us, _ in kernels)
+    """Lines saying where a step's time went: the kernels' share of the timed step, by kind, and the longest,
+    with the memory speed of those whose bytes are known (a fused kernel far below the card's copy speed reads
+    its data more than once, or is tiled badly)."""
+    total = sum(us for _, us, _, _ in kernels)
     if not total:
         return [f"{name} profile: the profiler recorded no kernels"]
     by_kind = dict.fromkeys(KINDS, 0)
-    for key, us, _ in kernels:
+    for key, us, _, _ in kernels:
         by_kind[kernel_kind(key)] += us
     lines = [f"{name} profile: kernels {total / 1e3:.1f} ms of the {dt * 1e3:.1f} ms step ({total / 1e4 / dt:.0f}%): "
              + " | ".join(f"{kind} {100 * us / total:.1f}%" for kind, us in by_kind.items())]
-    lines += [f"    {100 * us / total:5.1f}% {us / 1e3:8.1f} ms {calls:6d}x  {key[:100]}"
-              for key, us, calls in kernels[:top]]
+    for key, us, calls, gb in kernels[:top]:
+        speed = f"  ({gb / calls:.3f} GB a call, {gb / us * 1e6:,.0f} GB/s)" if gb else ""
+        lines.append(f"    {100 * us / total:5.1f}% {us / 1e3:8.1f} ms {calls:6d}x  {key[:100]}{speed}")
     return lines
 
 
@@ -175,7 +186,10 @@ def measure(name, args, shards, device):
             loss, _ = tg.train_step(compiled, optimizer, loader, accum, 6e-4, amp, scaler, 1.0, device)
         return loss.item()  # one host sync per step, as both loops do
 
-    with sdpa, torch._inductor.config.patch(lever.get("inductor", {})):  # compilation is in the first step
+    inductor = dict(lever.get("inductor", {}))
+    if args.profile and device_type == "cuda":  # each Triton kernel tells the profiler the bytes it moves
+        inductor["benchmark_kernel"] = True     # (and the path of each compiled module goes to stderr)
+    with sdpa, torch._inductor.config.patch(inductor):  # compilation is in the first step
         losses = [step() for _ in range(args.warmup)]  # compilation and allocator warm-up
         sync()
         t0 = time.perf_counter()

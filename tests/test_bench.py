@@ -183,3 +183,26 @@ def test_cuda_n_becomes_the_current_gpu_and_mfu_knows_the_card(monkeypatch):
                        ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-40GB", 312e12), ("Some New GPU", None)]:
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, name=name: name)
         assert tg.peak_flops("cuda") == peak, name
+
+
+def test_the_profile_gives_the_memory_speed_of_kernels_that_say_their_bytes():
+    # inductor's Triton kernels, compiled with benchmark_kernel, pass their bytes to the profiler as the
+    # kwarg kernel_num_gb of the record around each launch; a stand-in launch here does the same on the CPU
+    import torch
+    from train_speed import profile_report, profile_step
+    x = torch.randn(256, 256)
+
+    def step():
+        for _ in range(3):
+            with torch._C._profiler._RecordFunctionFast("triton_red_fused_stand_in_0", (x,), {"kernel_num_gb": 0.25}):
+                x.exp().sum()
+        x.sin()
+
+    rows = {name: (us, calls, gb) for name, us, calls, gb in profile_step(step, "cpu")}
+    us, calls, gb = rows["triton_red_fused_stand_in_0"]
+    assert calls == 3 and gb == 0.75 and us > 0
+    assert rows["aten::sin"][2] is None  # an op that said nothing has no bytes
+    lines = profile_report("ours", [("triton_red_fused_stand_in_0", 1000.0, 3, 0.75), ("aten::sin", 10.0, 1, None)],
+                           0.002, 2)
+    assert lines[1].endswith("x  triton_red_fused_stand_in_0  (0.250 GB a call, 750 GB/s)"), lines
+    assert lines[2].endswith("x  aten::sin"), lines
