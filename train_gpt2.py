@@ -271,15 +271,22 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
         loss = torch.zeros((), device=x.device)
         grad_x = torch.empty_like(x) if want_grads else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_grads else None
+        columns = torch.arange(weight.size(0), device=x.device)
         for i in range(0, n, rows):
             xc, tc = x[i:i + rows].to(dtype), targets[i:i + rows, None]
             logits = (xc @ w.t()).float()
             lse = torch.logsumexp(logits, dim=1, keepdim=True)
             loss += (lse - logits.gather(1, tc)).sum()
             if want_grads:
-                # d(loss sum)/d(logits), not yet divided by n: in fp16, small probabilities divided by n
-                # would underflow. In place: the chunk's fp32 logits are not needed after the loss
-                g = logits.sub_(lse).exp_().scatter_add_(1, tc, torch.full_like(lse, -1.0)).to(dtype)
+                # d(loss sum)/d(logits) = softmax - one-hot, not yet divided by n: in fp16, small probabilities
+                # divided by n would underflow. In place: the chunk's fp32 logits are not needed after the loss
+                p = logits.sub_(lse).exp_()
+                if torch.compiler.is_compiling():
+                    # a one-hot by comparison fuses with the exp and the cast into one kernel, where a scatter
+                    # would need the chunk's fp32 softmax written out first
+                    g = torch.where(columns == tc, p - 1, p).to(dtype)
+                else:  # eager: in place, where a comparison would make a chunk-sized mask
+                    g = p.scatter_add_(1, tc, torch.full_like(lse, -1.0)).to(dtype)
                 grad_x[i:i + rows] = g @ w
                 grad_w += g.t() @ xc
         if want_grads:

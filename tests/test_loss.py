@@ -108,6 +108,26 @@ def test_compiled_equals_eager():
     assert (grads_e - grads_c).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_it_takes_the_one_hot_by_comparison_and_equals_eager(dtype):
+    # compiled, the one-hot is subtracted by comparing column indices with the targets, which inductor fuses
+    # with the exp and the cast; a scatter_add_ would make it write the chunk's fp32 softmax first
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.extend(m for m in gm.modules() if isinstance(m, torch.fx.GraphModule))
+        return gm.forward
+
+    torch._dynamo.reset()
+    loss = torch.compile(lambda x, w, t: chunked_cross_entropy(x, w, t, 7), backend=capture)  # 7: a short last chunk
+    amp = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
+    got, ref = loss_and_grads(loss, amp), loss_and_grads(lambda x, w, t: chunked_cross_entropy(x, w, t, 7), amp)
+    code = "\n".join(g.code for g in graphs)
+    assert "where" in code and "scatter" not in code, code
+    for a, b in zip(got, ref):
+        assert a.dtype == b.dtype and (a.float() - b.float()).abs().max().item() <= 1e-6 * b.abs().max().item()
+
+
 def test_training_with_the_flag_logs_the_same_losses(tmp_path):
     """The trainer's default is the chunked loss; 0 is the lecture's full logits."""
     assert parse_args([]).loss_chunk_rows == 8192
