@@ -152,6 +152,17 @@ def profile_report(name, kernels, dt, top):
     return lines
 
 
+def inductor_settings(lever, profile, device_type):
+    """The inductor config a variant compiles with: its lever's, and for --profile on a GPU benchmark_kernel,
+    with which each Triton launch tells the profiler the bytes it moves (a CUDA graph's replay launches
+    nothing to tell it). Inductor then also prints each compiled module's path to stderr."""
+    settings = dict(lever.get("inductor", {}))
+    replays = lever.get("mode", tg.parse_args([]).compile_mode) in ("reduce-overhead", "max-autotune")
+    if profile and device_type == "cuda" and not replays:
+        settings["benchmark_kernel"] = True
+    return settings
+
+
 def measure(name, args, shards, device):
     """Seconds per step, peak memory (allocated, reserved), the loss of every step and the FLOPs per token of
     one variant, and with --profile the lines of profile_report on one more step."""
@@ -186,11 +197,8 @@ def measure(name, args, shards, device):
             loss, _ = tg.train_step(compiled, optimizer, loader, accum, 6e-4, amp, scaler, 1.0, device)
         return loss.item()  # one host sync per step, as both loops do
 
-    inductor = dict(lever.get("inductor", {}))
-    if args.profile and device_type == "cuda":  # each Triton kernel tells the profiler the bytes it moves
-        inductor["benchmark_kernel"] = True     # (and the path of each compiled module goes to stderr)
-    with sdpa, torch._inductor.config.patch(inductor):  # compilation is in the first step
-        losses = [step() for _ in range(args.warmup)]  # compilation and allocator warm-up
+    with sdpa, torch._inductor.config.patch(inductor_settings(lever, args.profile, device_type)):
+        losses = [step() for _ in range(args.warmup)]  # compilation (in the first step) and allocator warm-up
         sync()
         t0 = time.perf_counter()
         losses += [step() for _ in range(args.steps)]

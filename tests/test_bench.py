@@ -206,3 +206,13 @@ def test_the_profile_gives_the_memory_speed_of_kernels_that_say_their_bytes():
                            0.002, 2)
     assert lines[1].endswith("x  triton_red_fused_stand_in_0  (0.250 GB a call, 750 GB/s)"), lines
     assert lines[2].endswith("x  aten::sin"), lines
+
+
+def test_only_a_gpu_profile_without_cuda_graphs_compiles_with_the_bytes_counted():
+    from train_speed import inductor_settings, variant
+    assert inductor_settings(variant("ours"), 25, "cuda") == {"benchmark_kernel": True}
+    assert inductor_settings(variant("ours+coordtune"), 25, "cuda") == {"coordinate_descent_tuning": True,
+                                                                        "benchmark_kernel": True}
+    assert inductor_settings(variant("ours"), 0, "cuda") == {}  # the timing alone compiles as the trainer does
+    assert inductor_settings(variant("ours"), 25, "cpu") == {}
+    assert inductor_settings(variant("ours+cudagraphs"), 25, "cuda") == {}
