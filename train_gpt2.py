@@ -271,7 +271,11 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
         loss = torch.zeros((), device=x.device)
         grad_x = torch.empty_like(x) if want_grads else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_grads else None
-        columns = torch.arange(weight.size(0), device=x.device)
+        # compiled, the one-hot goes by comparison with the column index, which inductor fuses with the exp and
+        # the cast; a scatter would make it write the chunk's softmax in fp32 and read it back. Eager, a
+        # comparison would make a chunk-sized mask, so there the one-hot is scattered in place
+        fused = want_grads and torch.compiler.is_compiling()
+        columns = torch.arange(weight.size(0), device=x.device) if fused else None
         for i in range(0, n, rows):
             xc, tc = x[i:i + rows].to(dtype), targets[i:i + rows, None]
             logits = (xc @ w.t()).float()
@@ -281,11 +285,9 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
                 # d(loss sum)/d(logits) = softmax - one-hot, not yet divided by n: in fp16, small probabilities
                 # divided by n would underflow. In place: the chunk's fp32 logits are not needed after the loss
                 p = logits.sub_(lse).exp_()
-                if torch.compiler.is_compiling():
-                    # a one-hot by comparison fuses with the exp and the cast into one kernel, where a scatter
-                    # would need the chunk's fp32 softmax written out first
+                if fused:
                     g = torch.where(columns == tc, p - 1, p).to(dtype)
-                else:  # eager: in place, where a comparison would make a chunk-sized mask
+                else:
                     g = p.scatter_add_(1, tc, torch.full_like(lse, -1.0)).to(dtype)
                 grad_x[i:i + rows] = g @ w
                 grad_w += g.t() @ xc

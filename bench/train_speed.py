@@ -136,8 +136,8 @@ def kernel_kind(name):
 
 def profile_report(name, kernels, dt, top):
     """Lines saying where a step's time went: the kernels' share of the timed step, by kind, and the longest,
-    with the memory speed of those whose bytes are known (a fused kernel far below the card's copy speed reads
-    its data more than once, or is tiled badly)."""
+    with the memory speed of those whose bytes are known. Inductor counts each buffer a kernel touches once
+    and whole: an estimate, low for a reduction that loops over its rows more than once."""
     total = sum(us for _, us, _, _ in kernels)
     if not total:
         return [f"{name} profile: the profiler recorded no kernels"]
@@ -197,7 +197,8 @@ def measure(name, args, shards, device):
             loss, _ = tg.train_step(compiled, optimizer, loader, accum, 6e-4, amp, scaler, 1.0, device)
         return loss.item()  # one host sync per step, as both loops do
 
-    with sdpa, torch._inductor.config.patch(inductor_settings(lever, args.profile, device_type)):
+    settings = inductor_settings(lever, args.profile, device_type)
+    with sdpa, torch._inductor.config.patch(settings):
         losses = [step() for _ in range(args.warmup)]  # compilation (in the first step) and allocator warm-up
         sync()
         t0 = time.perf_counter()
@@ -207,7 +208,10 @@ def measure(name, args, shards, device):
         report = []
         if args.profile:
             try:
-                report = profile_report(name, profile_step(step, device_type), dt, args.profile)
+                kernels = profile_step(step, device_type)
+                report = profile_report(name, kernels, dt, args.profile)
+                if settings.get("benchmark_kernel") and args.compile and not any(gb for *_, gb in kernels):
+                    report.append(f"    (no kernel told the profiler its bytes in torch {torch.__version__}: no GB/s)")
             except Exception as e:  # the profiler's failure must not cost the timing above
                 report = [f"{name} profile failed: {type(e).__name__}: {tg.first_line(e)[:200]}"]
     mem = (torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()) if device_type == "cuda" else None

@@ -216,3 +216,4 @@ def test_only_a_gpu_profile_without_cuda_graphs_compiles_with_the_bytes_counted(
     assert inductor_settings(variant("ours"), 0, "cuda") == {}  # the timing alone compiles as the trainer does
     assert inductor_settings(variant("ours"), 25, "cpu") == {}
     assert inductor_settings(variant("ours+cudagraphs"), 25, "cuda") == {}
+    assert inductor_settings(variant("ours+autotune"), 25, "cuda") == {"benchmark_kernel": True}  # no graphs

@@ -63,13 +63,14 @@ def test_without_grad_it_only_computes_the_loss():
 
 
 class LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any op creates."""
+    """Records the largest tensor any op creates, and the ops' names."""
 
     def __init__(self):
         super().__init__()
-        self.numel = 0
+        self.numel, self.ops = 0, set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func.overloadpacket.__name__)
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else [out]:
             if isinstance(t, torch.Tensor):
@@ -106,6 +107,14 @@ def test_compiled_equals_eager():
     loss_c, grads_c = model_grads(16, idx, compile=True)
     assert abs(loss_e - loss_c) < 1e-5
     assert (grads_e - grads_c).abs().max().item() < 1e-5
+
+
+def test_eager_it_scatters_the_one_hot_in_place():
+    # a comparison with the column index would make a chunk-sized mask and an fp32 p - 1 beside the chunk's p
+    x, w, targets = inputs()
+    with LargestTensor() as seen:
+        chunked_cross_entropy(x, w, targets, 32).backward()
+    assert "scatter_add_" in seen.ops and not {"where", "eq"} & seen.ops, seen.ops
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
