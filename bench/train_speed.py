@@ -177,7 +177,8 @@ def measure(name, args, shards, device):
     if lever.get("fp8", defaults.fp8):
         tg.enable_fp8(model, B * T, device)
     accum = tg.batch_plan(args.total_batch_size, B, T, 1, model.config.block_size)
-    loader = tg.DataLoader(shards, B, T, pin_memory=lever.get("pin", device_type == "cuda"))
+    loader = tg.DataLoader(shards, B, T, pin_memory=lever.get("pin", device_type == "cuda"),
+                           vocab_size=model.config.vocab_size)
     amp_dtype = tg.autocast_dtype(args.dtype, device_type)
     amp = tg.autocast(amp_dtype, device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == torch.float16)
@@ -252,11 +253,14 @@ def main():
         at_least = 0 if name in ("warmup", "profile") else 1
         if getattr(args, name) is not None and getattr(args, name) < at_least:
             p.error(f"--{name} must be " + ("0 or more" if at_least == 0 else "positive"))
+        if getattr(args, name) is not None and getattr(args, name) >= 2**62:  # as the trainer: a typo, not a plan
+            p.error(f"--{name} {getattr(args, name)} is too large")
     try:  # what every variant shares, checked once: one line here rather than a failure per variant
         args.device = tg.setup_device(args.device)[3]
         config = model_config(args)
         if config.n_embd % config.n_head:
             raise tg.UserError(f"--n_embd {config.n_embd} is not divisible by --n_head {config.n_head}")
+        tg.check_ram(config)
         tg.batch_plan(args.total_batch_size, args.batch_size, args.seq_len, 1, config.block_size)
         tg.autocast_dtype(args.dtype, args.device.split(":")[0])
     except tg.UserError as e:
@@ -276,6 +280,8 @@ def main():
         else:  # random tokens, enough for a few steps; the loader goes round them again after that
             micro_batches = 8 * args.batch_size * args.seq_len
             shards = [np.random.default_rng(0).integers(0, 50257, micro_batches + 1, dtype=np.uint16)]
+        # too little data, or ids past the vocabulary: one line now, not a failure per variant
+        tg.DataLoader(shards, args.batch_size, args.seq_len, vocab_size=model_config(args).vocab_size)
     except (tg.UserError, MemoryError, ValueError) as e:  # ValueError: numpy's, for sizes past any memory
         sys.exit(f"error: {tg.first_line(e)}")
     peak = tg.peak_flops(args.device.split(":")[0])

@@ -113,12 +113,29 @@ def test_train_and_hellaswag_speed_bench_bad_input_is_one_line(tmp_path):
             ("train_speed.py", ["--dtype", "fp8"], "argument --dtype: invalid choice"),
             ("train_speed.py", ["--batch_size", str(2**40), "--total_batch_size", str(2**50)], "error: "),
             ("train_speed.py", [*TOY, "--variants", "cudnn", "ours+cudnn"], "every variant failed"),
+            ("train_speed.py", ["--total_batch_size", str(10**23)], "--total_batch_size 100000000000000000000000 is "
+                                                                    "too large"),
+            ("train_speed.py", ["--n_embd", str(12 * 10**10)], "GiB to build, more than this machine's"),
             ("hellaswag_speed.py", ["--limit", "0"], "must be positive"),
             ("hellaswag_speed.py", ["--dtype", "fp16"], "argument --dtype: invalid choice")]:
         r = run_script([sys.executable, f"bench/{script}", *args], timeout=300)
         assert r.returncode in (1, 2) and "Traceback" not in r.stderr, r.stderr
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, r.stderr)
+
+
+def test_train_speed_bench_checks_the_data_once_before_any_variant(tmp_path):
+    """Ids the model cannot embed were an IndexError in every variant (on a GPU, a device assert)."""
+    import numpy as np
+    for tokens, message in [(np.full(3000, 60000), "token id 60000, beyond the model's vocab_size 50304"),
+                            (np.full(40, 7), "too few for one micro-batch")]:
+        data = tmp_path / str(len(tokens))
+        data.mkdir()
+        np.save(data / "x_train_000001.npy", tokens.astype(np.uint16))
+        r = train_speed("--data", str(data), "--baseline", "--variants", "ours", "plain")
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1 and message in lines[0], r.stderr
+        assert "ms/step" not in r.stdout and "failed" not in r.stdout, r.stdout
 
 
 def test_a_loss_that_turns_nan_is_no_match(monkeypatch, capsys):

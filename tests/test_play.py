@@ -119,3 +119,46 @@ def test_play_run_just_started(play_env):
     assert "2 train, 0 val, 0 hella records" in printed
     assert "no val records yet\n" in printed and "no hella records yet\n" in printed
     assert_png(play_env / "log" / "play.png")
+
+
+def notebook_function(name):
+    """A function the notebook defines, taken from its cell's source and run here on its own."""
+    import ast
+
+    import numpy as np
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    source = next(c.source for c in nb.cells if c.cell_type == "code" and f"def {name}(" in c.source)
+    node = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == name)
+    namespace = {"np": np}
+    exec(compile(ast.Module([node], []), NOTEBOOK, "exec"), namespace)
+    return namespace[name]
+
+
+def test_a_skipped_step_leaves_a_gap_in_the_average_not_the_rest_of_the_curve():
+    """--skip_nonfinite logs 'N train nan': a running sum carried that NaN into every later average."""
+    import numpy as np
+    moving_average = notebook_function("moving_average")
+    values = [float(v) for v in range(1, 11)]
+    assert np.allclose(moving_average(values, 3), [1, 1.5, 2, 3, 4, 5, 6, 7, 8, 9])
+    values[4] = float("nan")
+    values[5] = float("inf")
+    got = moving_average(values, 3)
+    assert np.allclose(got, [1, 1.5, 2, 3, 3.5, 4, 7, 7.5, 8, 9])  # the windows around steps 4-5 average the rest
+    assert np.isnan(moving_average([1.0, float("nan"), float("nan"), 4.0], 2)[2])  # nothing finite: a gap
+
+
+def test_play_log_with_nonfinite_records(play_env):
+    """Part 2 on a run whose steps 3 and 5 were skipped as non-finite and whose first val loss was NaN."""
+    lines = [f"{s} train {'nan' if s in (3, 5) else 10 - s / 10}" for s in range(10)]
+    lines[0:0] = ["0 val nan", "0 hella 0.25"]
+    lines += ["9 val 9.5", "9 hella 0.26"]
+    (play_env / "log" / "log.txt").write_text("\n".join(lines) + "\n")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    part2 = next(i for i, c in enumerate(nb.cells) if c.cell_type == "markdown" and c.source.startswith("## Part 2"))
+    nb.cells = nb.cells[:2] + nb.cells[part2:]
+
+    printed = execute(nb, play_env)
+
+    assert "10 train, 2 val, 2 hella records" in printed
+    assert "best val loss: 9.5000 at step 9; latest 9.5000 at step 9" in printed
+    assert_png(play_env / "log" / "play.png")
