@@ -139,6 +139,8 @@ def describe_source(args):
         kind = next((k for ext, k in LOCAL_FORMATS.items() if f.endswith(ext)), None)
         if kind is None:
             fail(f"{f}: unsupported file type; use .parquet, .json or .jsonl")
+        if f.endswith(".gz") and any(c in os.path.basename(f) for c in "[]"):  # fsspec's URL of the unzipped file
+            fail(f"{f}: datasets cannot stream a compressed file with [ or ] in its name; rename it, or gunzip it")
         formats.add(kind)
     if len(formats) > 1:
         fail("--local_files mixes parquet and json files; convert them to one format")
@@ -163,7 +165,10 @@ def holds_no_rows(path, kind):
             footer = pq.ParquetFile(path)
         else:
             with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-                return not f.read(1 << 16).strip()  # nothing but whitespace
+                while chunk := f.read(1 << 16):  # nothing but whitespace, however much of it
+                    if chunk.strip():
+                        return False
+                return True
     except Exception:
         return False
     schema, rows = footer.schema_arrow, footer.metadata.num_rows
@@ -318,7 +323,7 @@ def file_part(f):
     if _worker.get("file", (None,))[0] != f:
         ds = _worker["ds"]
         part = ds.shard(num_shards=ds.num_shards, index=f)
-        _worker["file"] = (f, part.reshard() if hasattr(part, "reshard") else part)
+        _worker["file"] = (f, part.reshard())  # datasets 5.0+: a parquet file by row group (4.x kept it whole)
     return _worker["file"][1]
 
 

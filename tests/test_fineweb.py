@@ -171,6 +171,18 @@ def test_names_taken_literally_empty_files_and_missing_texts(corpus, tmp_path, c
     assert f"note: all {len(reference_tokens(docs[:5]))} tokens went into the val shard" in capsys.readouterr().err
 
 
+def test_a_file_that_starts_with_a_lot_of_blank_lines_is_read(corpus, tmp_path, capsys):
+    """The empty-file check looked at the first 64 KiB only: such a file was skipped as empty, its documents lost."""
+    docs = corpus["docs"][:20]
+    (tmp_path / "padded.jsonl").write_text("\n" * 70_000 + "".join(json.dumps({"text": t}) + "\n" for t in docs))
+    (tmp_path / "blank.jsonl").write_text(" \n" * 70_000)
+    assert fineweb.main(["--local_files", str(tmp_path / "padded.jsonl"), str(tmp_path / "blank.jsonl"),
+                         "--out_dir", str(tmp_path / "out"), "--shard_size", "500", "--workers", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "blank.jsonl holds no rows; skipped" in err and "padded.jsonl holds no rows" not in err
+    np.testing.assert_array_equal(all_tokens(tmp_path / "out"), reference_tokens(docs))
+
+
 def test_an_unreadable_file_is_named(corpus, tmp_path):
     parts = sorted(glob.glob(corpus["files"][0]))
     (tmp_path / "cut.parquet").write_bytes(open(parts[1], "rb").read()[:300])
