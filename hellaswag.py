@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import http.client
 import json
+import math
 import os
 import signal
 import urllib.request
@@ -29,8 +30,8 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from train_gpt2 import (GPT, GPTConfig, HelpFormatter, UserError, autocast, autocast_dtype, first_line,
-                        gpt2_tokenizer, load_checkpoint, load_sharded_state, request_stop, run_cli, setup_device,
-                        usage_error)
+                        gpt2_tokenizer, load_checkpoint, load_sharded_state, nonfinite_weight, request_stop, run_cli,
+                        setup_device, usage_error)
 
 # where the hub keeps the auto-converted parquet of the dataset (the repo itself is a loading script)
 HUB_FILE = "datasets/Rowan/hellaswag/resolve/refs%2Fconvert%2Fparquet/default/validation/0000.parquet"
@@ -59,6 +60,8 @@ def check_example(ex, where):
 
 def read_examples(path):
     """Every example of a HellaSwag file: the original jsonl, or the hub's parquet (told apart by content)."""
+    if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+        raise UserError(f"HellaSwag file {path} is not a regular file")  # a pipe would be waited on for ever
     try:
         with open(path, "rb") as f:
             is_parquet = f.read(4) == b"PAR1"
@@ -280,7 +283,8 @@ def score_endings(model, examples, device, amp=contextlib.nullcontext(), batch_s
 
 def evaluate(model, examples, device, amp=contextlib.nullcontext(), rank=0, world_size=1, batch_size=None,
              progress=False):
-    """{'n', 'acc', 'acc_norm', 'correct', 'correct_norm'} over all ranks; rank r scores examples r, r + world, ..."""
+    """{'n', 'acc', 'acc_norm', 'correct', 'correct_norm', 'nonfinite'} over all ranks; rank r scores examples r,
+    r + world, ... nonfinite counts the examples whose losses are inf or NaN; with any, both accuracies are NaN."""
     mine = examples[rank::world_size]
     was_training = model.training
     model.eval()
@@ -290,19 +294,22 @@ def evaluate(model, examples, device, amp=contextlib.nullcontext(), rank=0, worl
     labels = torch.tensor([ex["label"] for ex in mine], dtype=torch.long)
     correct = (sums.argmin(1) == labels).sum()
     correct_norm = ((sums / counts).argmin(1) == labels).sum()  # the lecture's acc_norm: mean loss per token
-    totals = torch.tensor([len(mine), correct, correct_norm], dtype=torch.long, device=device)
+    nonfinite = (~sums.isfinite()).any(1).sum()  # NaN or inf weights, or an fp16 overflow: argmin would guess
+    totals = torch.tensor([len(mine), correct, correct_norm, nonfinite], dtype=torch.long, device=device)
     if dist.is_initialized():
         dist.all_reduce(totals)  # SUM: counts add up across ranks
-    n, correct, correct_norm = totals.tolist()
-    return {"n": n, "acc": correct / max(n, 1), "acc_norm": correct_norm / max(n, 1),
-            "correct": correct, "correct_norm": correct_norm}
+    n, correct, correct_norm, nonfinite = totals.tolist()
+    # with any example's losses not finite there is no accuracy to give: NaN (the trainer logs it as such)
+    acc, acc_norm = (correct / max(n, 1), correct_norm / max(n, 1)) if not nonfinite else (math.nan, math.nan)
+    return {"n": n, "acc": acc, "acc_norm": acc_norm, "correct": correct, "correct_norm": correct_norm,
+            "nonfinite": nonfinite}
 
 
 # -----------------------------------------------------------------------------
 # Standalone: score an HF model or a checkpoint of ours
 
 def load_model(args):
-    if args.model:
+    if args.model is not None:  # -m '' too: an unknown name, not a checkpoint
         model = GPT.from_pretrained(args.model)  # UserError for unknown names and unloadable folders
     else:
         ckpt = load_checkpoint(args.checkpoint)  # UserError for missing, truncated or foreign files
@@ -314,6 +321,9 @@ def load_model(args):
                 model.load_state_dict(ckpt["model"])
         except (TypeError, ValueError, RuntimeError, AssertionError, ZeroDivisionError) as e:
             raise UserError(f"checkpoint {args.checkpoint} does not fit its own config: {first_line(e)}")
+    bad = nonfinite_weight(model.state_dict())
+    if bad is not None:
+        raise UserError(f"{args.model or args.checkpoint}: its weight {bad} holds inf or NaN, so scores nothing")
     if model.config.vocab_size < VOCAB:  # the examples are GPT-2 tokens
         raise UserError(f"{args.model or args.checkpoint} has a vocabulary of {model.config.vocab_size} tokens: "
                         f"scoring GPT-2 tokens needs {VOCAB} or more")
@@ -351,6 +361,10 @@ def main(argv=None):
     if args.compile:
         model = torch.compile(model)
     res = evaluate(model, examples, device, amp, rank, world, args.batch_size, progress=rank == 0)
+    if res["nonfinite"]:  # the weights are finite (load_model): the logits overflowed
+        raise UserError(f"the model's losses are not finite (inf or NaN) on {res['nonfinite']} of {res['n']} "
+                        f"examples: its logits overflow {args.dtype}" + (" (try --dtype fp32)" if args.dtype == "fp16"
+                                                                          else ""))
     if rank == 0:
         print(f"hellaswag: n={res['n']} acc={res['acc']:.4f} acc_norm={res['acc_norm']:.4f}")
     if dist.is_initialized():

@@ -42,8 +42,13 @@ class UserError(Exception):
 
 
 def first_line(e):
-    """An exception's message in one line (its type's name if it has none)."""
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+    """An exception's message in one line (its type's name if it has none). A first line that only leads in to
+    the next ("Error(s) in loading state_dict for GPT:") takes the start of that one, which says what is wrong."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
+    if lines[0].endswith(":") and len(lines) > 1:
+        more = lines[1] if len(lines[1]) <= 300 else lines[1][:300] + "..."
+        return f"{lines[0]} {more}"
+    return lines[0]
 
 
 def is_count(x):
@@ -381,7 +386,7 @@ def load_shard(path):
     try:
         tokens = np.load(path, mmap_mode="r")  # memory-mapped: a shard costs no RAM until read
     except Exception as e:
-        raise UserError(f"cannot read shard {path}: {e}")
+        raise UserError(f"cannot read shard {path}: {first_line(e)}")
     if tokens.dtype != np.uint16 or tokens.ndim != 1:
         raise UserError(f"shard {path} holds a {tokens.ndim}-D {tokens.dtype} array; "
                         "expected 1-D uint16 GPT-2 tokens as written by fineweb.py")
@@ -597,18 +602,27 @@ def evaluate_loss(model, loader, steps, amp, device):
 
 @torch.no_grad()
 def generate(model, tokens, num_samples, length, device, generator, amp, vocab_limit, top_k=50):
-    """Top-k sampling until each row is `length` tokens long, prompt included."""
+    """Top-k sampling until each row is `length` tokens long, prompt included.
+
+    Outputs that are not finite (an overflow, or weights gone to NaN) would make torch.multinomial fail: such a
+    row draws uniformly from its top k instead, and a warning says the samples are noise. No rank stops early, so
+    an FSDP model's forwards stay in step across ranks."""
     model.eval()
     x = torch.tensor(tokens, dtype=torch.long, device=device).unsqueeze(0).repeat(num_samples, 1)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     while x.size(1) < length:
         with amp:
             logits, _ = model(x[:, -model.config.block_size:])
         # only real tokens: the padded vocabulary rows (50257..50303) cannot be decoded
         probs = F.softmax(logits[:, -1, :vocab_limit].float(), dim=-1)
         topk_probs, topk_indices = torch.topk(probs, min(top_k, vocab_limit), dim=-1)
-        choice = torch.multinomial(topk_probs, 1, generator=generator)
+        bad = ~topk_probs.isfinite().all(dim=-1, keepdim=True)
+        nonfinite |= bad.any()  # read once at the end: no host sync per token
+        choice = torch.multinomial(torch.where(bad, 1.0, topk_probs), 1, generator=generator)
         x = torch.cat((x, torch.gather(topk_indices, -1, choice)), dim=1)
     model.train()
+    if nonfinite:
+        print("warning: sampling: the model's outputs are not finite (inf or NaN): these samples are noise")
     return x.tolist()
 
 
@@ -632,9 +646,14 @@ CHECKPOINT_NAME = re.compile(r"model_(\d+)\.(pt|dcp)$")  # .dcp: a folder of FSD
 CHECKPOINT_TMP = re.compile(r"model_\d+\.(pt\.tmp\d+|dcp\.tmp)$")  # what save_checkpoint and FSDP write first
 
 
+def nonfinite_weight(weights):
+    """The name of the first tensor in a state dict that holds inf or NaN, or None."""
+    return next((k for k, v in weights.items() if v.is_floating_point() and not v.isfinite().all()), None)
+
+
 def save_checkpoint(path, state):
     """Write to a temporary name, flush to disk, then rename: a crash never leaves half a checkpoint."""
-    bad = next((k for k, v in state.get("model", {}).items() if v.is_floating_point() and not v.isfinite().all()), None)
+    bad = nonfinite_weight(state.get("model", {}))
     if bad is not None:
         raise UserError(f"not writing {path}: its weight {bad} holds inf or NaN")
     tmp = f"{path}.tmp{os.getpid()}"
@@ -686,6 +705,9 @@ def load_checkpoint(path):
             raise UserError(f"checkpoint {path} holds pickled Python objects, which torch.load(weights_only=True) "
                             "refuses: it was not written by this train_gpt2.py")
         raise UserError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__})")
+    damaged = failed_crc(meta, path)
+    if damaged:
+        raise UserError(f"checkpoint {path} is corrupt: its record {damaged} does not match its CRC-32")
     needs = {"config", "step"} if sharded else {"model", "config", "step"}
     if not isinstance(ckpt, dict) or not needs <= set(ckpt) or not isinstance(ckpt.get("model", {}), dict) \
             or not all(isinstance(k, str) for k in ckpt.get("model", {})) or not is_count(ckpt["step"]):
@@ -708,6 +730,29 @@ def load_checkpoint(path):
     if not sharded:  # compiled and DDP-wrapped models prefix their parameter names
         ckpt["model"] = {re.sub(r"^((_orig_mod|module)\.)+", "", k): v for k, v in ckpt["model"].items()}
     return ckpt
+
+
+def failed_crc(file, path):
+    """The first record of a torch.save file whose bytes no longer match the CRC-32 written with it, or None.
+    torch.load does not check them: a flipped byte among the weights would load as a wrong number. A CRC of 0
+    is taken for none (torch.serialization.set_crc32_options(False) writes 0)."""
+    import zipfile
+    try:
+        with zipfile.ZipFile(file) as archive:
+            for record in archive.infolist():
+                if record.CRC == 0:
+                    continue
+                try:
+                    with archive.open(record) as f:  # zipfile compares the CRC at the end of the record
+                        while f.read(1 << 24):
+                            pass
+                except zipfile.BadZipFile:
+                    return record.filename
+    except OSError as e:
+        raise UnreadableCheckpoint(f"cannot read checkpoint {path}: {e.strerror or e}")
+    except zipfile.BadZipFile:  # torch.load read it, so its own format: leave it to that
+        return None
+    return None
 
 
 def save_sharded_checkpoint(path, model, optimizer, meta):
@@ -1149,6 +1194,8 @@ def parse_args(argv=None):
     for name in ("max_lr", "min_lr"):  # AdamW moves each weight by about the LR per step
         if getattr(args, name) is not None and getattr(args, name) > 1:
             p.error(f"--{name} must be at most 1")
+    if args.num_samples > 1024:  # printed every --sample_every steps, one batch: more is a typo
+        p.error("--num_samples must be at most 1024")
     if not 1 <= args.dist_timeout <= 10**6:  # c10d counts milliseconds in a C int beyond that
         p.error("--dist_timeout must be 1 to 1e6 seconds")
     if args.vocab_size is not None and args.vocab_size < 50257:
@@ -1564,10 +1611,11 @@ def exit_with(line, status=1):
     thread that drops a tensor while the interpreter finalizes needs the GIL and aborts the process ("terminate
     called without an active exception", pytorch/pytorch#190489), which failed finished ranks in CI. Everything
     a run writes is flushed and fsynced by then; only stdout and stderr need a flush."""
-    if line is not None:
+    if line is not None and sys.stderr is not None:  # None: closed when the process started (2>&-)
         sys.stderr.write(line + "\n")
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
     if "RANK" in os.environ:
         os._exit(status)
     sys.exit(status)

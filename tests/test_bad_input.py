@@ -1,6 +1,7 @@
 """Bad input to every user-facing script, as a user meets it: one line on stderr, a non-zero exit, no traceback,
 and nothing already written changed (a finished training run, a shard folder, the HellaSwag cache, the
 working folder)."""
+import gzip
 import hashlib
 import json
 import os
@@ -39,6 +40,9 @@ def d(tmp_path_factory):
     (d / "binary.txt").write_bytes(b"\xff\xfe\x00\x81" * 100)
     data = (d / "run" / "model_00001.pt").read_bytes()
     (d / "truncated.pt").write_bytes(data[:len(data) // 3])
+    middle = len(data) // 2  # inside the weights: torch.load reads it, only the record's CRC-32 tells
+    (d / "flipped.pt").write_bytes(data[:middle] + bytes(b ^ 0xFF for b in data[middle:middle + 64]) +
+                                   data[middle + 64:])
     (d / "notours.pt").write_bytes(b"")
     torch.save({"weights": torch.zeros(2)}, str(d / "foreign.pt"))
     ckpt = torch.load(str(d / "run" / "model_00001.pt"), weights_only=True)
@@ -54,6 +58,13 @@ def d(tmp_path_factory):
     torch.save({**ckpt, "loader": {**ckpt["loader"], "cursor": 10**9}}, str(d / "far_cursor.pt"))
     torch.save({**ckpt, "rng": {}}, str(d / "no_rng.pt"))
     torch.save({**ckpt, "config": {**ckpt["config"], "n_head": 0}}, str(d / "zero_heads.pt"))
+    torch.save({**ckpt, "model": {**ckpt["model"], "extra.weight": torch.zeros(1)}}, str(d / "extra_key.pt"))
+    nan_model = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    torch.save({**ckpt, "model": nan_model}, str(d / "nan_weights.pt"))  # written by hand: the trainer refuses to
+    (d / "bighdr").mkdir()  # numpy refuses a header past 10,000 bytes with a three-line message
+    header = "{'descr': '<u2', 'fortran_order': False, 'shape': (5000,), }" + " " * 20_000 + "\n"
+    (d / "bighdr" / "x_train_000000.npy").write_bytes(b"\x93NUMPY\x02\x00" + len(header).to_bytes(4, "little") +
+                                                     header.encode() + np.arange(5000, dtype=np.uint16).tobytes())
     (d / "oor").mkdir()
     for split in ("val", "train"):  # uint16, but not GPT-2 tokens
         np.save(d / "oor" / f"x_{split}_000000.npy", np.full(5000, 65535, dtype=np.uint16))
@@ -83,6 +94,8 @@ def d(tmp_path_factory):
     np.save(d / "foreign" / "edufineweb_val_000000.npy", np.arange(10, dtype=np.uint16))
     (d / "a_file").write_text("not a folder")
     (d / "content.jsonl").write_text('{"content": "x"}\n')
+    with gzip.open(d / "part[1].jsonl.gz", "wt") as f:  # fsspec's URL for its unzipped stream reads [1] as an IP
+        f.write('{"text": "a document"}\n')
     pq.write_table(pa.table({"text": [1, 2]}), d / "ints.parquet")
     pq.write_table(pa.table({"body": ["a", "b"], "id": ["1", "2"]}), d / "body.parquet")
     (d / "truncated.parquet").write_bytes((d / "corpus.parquet").read_bytes()[:200])
@@ -124,6 +137,9 @@ CASES = [
     ("train_gpt2.py", ["--init_from", "gpt5"], "unknown model 'gpt5'"),
     ("train_gpt2.py", ["--resume", "{d}/missing.pt"], "does not exist"),
     ("train_gpt2.py", ["--resume", "{d}/truncated.pt"], "truncated or corrupt"),
+    ("train_gpt2.py", ["--resume", "{d}/flipped.pt"], "{d}/flipped.pt is corrupt: its record "),
+    ("train_gpt2.py", ["--data", "{d}/bighdr"], "cannot read shard {d}/bighdr/x_train_000000.npy: Header info length"),
+    ("train_gpt2.py", ["--num_samples", str(2**62 - 1)], "--num_samples must be at most 1024"),
     ("train_gpt2.py", ["--resume", "{d}/notours.pt"], "truncated or corrupt"),
     ("train_gpt2.py", ["--resume", "{d}/foreign.pt"], "not a checkpoint of train_gpt2.py"),
     ("train_gpt2.py", ["--resume", "{d}/minimal.pt"], "has no loader, optimizer, rng: it can be evaluated"),
@@ -180,8 +196,19 @@ CASES = [
     ("hellaswag.py", ["-m", "gpt-7", "--data", "{d}/hella.jsonl"], "unknown model 'gpt-7'"),
     ("hellaswag.py", ["-c", "{d}/missing.pt"], "checkpoint {d}/missing.pt does not exist"),
     ("hellaswag.py", ["-c", "{d}/truncated.pt", "--data", "{d}/hella.jsonl"], "truncated or corrupt"),
+    ("hellaswag.py", ["-c", "{d}/flipped.pt", "--data", "{d}/hella.jsonl"], "{d}/flipped.pt is corrupt: its record "),
+    ("hellaswag.py", ["-c", "{d}/run/model_00001.pt", "--data", "{d}/fifo/edufineweb_train_000000.npy"],
+     "HellaSwag file {d}/fifo/edufineweb_train_000000.npy is not a regular file"),
+    ("train_gpt2.py", ["--hellaswag_every", "2", "--hellaswag_data", "{d}/fifo/edufineweb_train_000000.npy"],
+     "HellaSwag file {d}/fifo/edufineweb_train_000000.npy is not a regular file"),
     ("hellaswag.py", ["-c", "{d}/foreign.pt", "--data", "{d}/hella.jsonl"], "not a checkpoint of train_gpt2.py"),
-    ("hellaswag.py", ["-c", "{d}/misfit.pt", "--data", "{d}/hella.jsonl"], "does not fit its own config"),
+    ("hellaswag.py", ["-m", "", "--data", "{d}/hella.jsonl"], "unknown model ''"),
+    ("hellaswag.py", ["-c", "{d}/misfit.pt", "--data", "{d}/hella.jsonl"],
+     "does not fit its own config: Error(s) in loading state_dict for GPT: size mismatch for"),
+    ("hellaswag.py", ["-c", "{d}/extra_key.pt", "--data", "{d}/hella.jsonl"],
+     'Unexpected key(s) in state_dict: "extra.weight"'),
+    ("hellaswag.py", ["-c", "{d}/nan_weights.pt", "--data", "{d}/hella.jsonl"],
+     "{d}/nan_weights.pt: its weight transformer.wte.weight holds inf or NaN, so scores nothing"),
     ("hellaswag.py", ["-c", "{d}/headless.pt", "--data", "{d}/hella.jsonl"], "does not fit its own config"),
     ("hellaswag.py", ["-c", "{d}/zero_heads.pt", "--data", "{d}/hella.jsonl"], "does not fit its own config"),
     ("hellaswag.py", ["-c", "{d}/lecture.pt", "--data", "{d}/hella.jsonl"],
@@ -204,6 +231,8 @@ CASES = [
     ("fineweb.py", ["--local_files", "{d}/ints.parquet"], "{d}/ints.parquet: column 'text' holds int64, not strings"),
     ("fineweb.py", ["--local_files", "{d}/*.none"], "no file matches {d}/*.none"),
     ("fineweb.py", ["--local_files", "{d}/notes.txt"], "{d}/notes.txt: unsupported file type"),
+    ("fineweb.py", ["--local_files", "{d}/part[1].jsonl.gz", "--out_dir", "out"],
+     "{d}/part[1].jsonl.gz: datasets cannot stream a compressed file with [ or ] in its name"),
     ("fineweb.py", ["--local_files", "{d}/truncated.parquet"], "cannot open {d}/truncated.parquet: ArrowInvalid"),
     ("fineweb.py", ["--local_files", "{d}/corpus.parquet", "--out_dir", "{d}/a_file/shards"],
      "cannot create the output folder {d}/a_file/shards"),
@@ -263,6 +292,14 @@ def test_a_failed_compile_is_one_line(d, tmp_path):
                         str(d / "hella.jsonl"), "--compile"], cwd=ROOT, capture_output=True, text=True, env=env)
     assert one_line_error(r).endswith("run without it, without --compile")
     assert snapshot(d) == before
+
+
+def test_an_error_with_stdout_closed_is_still_one_line(d):
+    """Started with stdout closed (>&-), sys.stdout is None: flushing it on the way out was a traceback."""
+    r = subprocess.run(f"exec {sys.executable} train_gpt2.py --data {d}/empty >&-", shell=True, cwd=ROOT,
+                       capture_output=False, stderr=subprocess.PIPE, text=True)
+    assert r.returncode == 1 and r.stderr.startswith("error: no *_train_*.npy shards in ") and \
+        len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 @pytest.mark.parametrize("world", ["abc", "0"])

@@ -447,6 +447,29 @@ def test_skip_nonfinite_leaves_weights_and_optimizer_untouched(tmp_path):
     assert one["loader"] != four["loader"]
 
 
+def test_a_checkpoint_whose_bytes_changed_is_corrupt_unless_written_without_crcs(tmp_path):
+    """torch.load reads a flipped byte in a tensor as a wrong number: the records' CRC-32s tell. A file written with
+    torch's CRCs turned off (each 0) still loads."""
+    state = {"model": {"w": torch.arange(100_000, dtype=torch.float32)}, "config": {}, "step": 5}
+    path = str(tmp_path / "model_00005.pt")
+    train_gpt2.save_checkpoint(path, state)
+    data = bytearray(open(path, "rb").read())
+    middle = data.index(torch.arange(100_000, dtype=torch.float32).numpy().tobytes()[:64]) + 200_000
+    data[middle:middle + 8] = bytes(b ^ 0xFF for b in data[middle:middle + 8])
+    flipped = str(tmp_path / "model_00006.pt")
+    open(flipped, "wb").write(bytes(data))
+    assert torch.load(flipped, weights_only=True)["model"]["w"][50_000] != 50_000  # read without a word
+    with pytest.raises(UserError, match=r"model_00006.pt is corrupt: its record .*/data/0 does not match its CRC-32"):
+        train_gpt2.load_checkpoint(flipped)
+    assert torch.equal(train_gpt2.load_checkpoint(path)["model"]["w"], state["model"]["w"])
+    torch.serialization.set_crc32_options(False)
+    try:
+        train_gpt2.save_checkpoint(path, state)
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert torch.equal(train_gpt2.load_checkpoint(path)["model"]["w"], state["model"]["w"])
+
+
 def test_a_checkpoint_of_nonfinite_weights_is_never_written(tmp_path):
     path = tmp_path / "model_00005.pt"
     path.write_bytes(b"an earlier checkpoint")

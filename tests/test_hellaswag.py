@@ -3,6 +3,7 @@ torch.compile, DDP, the command line and the trainer's use of it. Offline, CPU, 
 import http.client
 import io
 import json
+import math
 import os
 import random
 import re
@@ -305,6 +306,17 @@ def test_scores_match_transformers(hf_dir):
         assert res["correct"] == (ref_sum.argmin(1) == labels).sum().item()
         assert res["correct_norm"] == (ref_mean.argmin(1) == labels).sum().item()
         assert res["acc"] == res["correct"] / len(EXAMPLES) and res["acc_norm"] == res["correct_norm"] / len(EXAMPLES)
+        assert res["nonfinite"] == 0
+
+
+def test_losses_that_are_not_finite_give_no_accuracy():
+    """argmin over NaN losses picks ending 0: NaN weights scored the share of examples labelled 0."""
+    model = random_gpt()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    res = hellaswag.evaluate(model, EXAMPLES, "cpu", batch_size=4)
+    assert res["nonfinite"] == len(EXAMPLES) and math.isnan(res["acc"]) and math.isnan(res["acc_norm"])
 
 
 class ShapeRecorder(torch.nn.Module):
@@ -435,6 +447,21 @@ def test_ddp_two_ranks_match_one(tmp_path):
 def run_cli(*args):
     return subprocess.run([sys.executable, "hellaswag.py", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
+
+
+def test_cli_refuses_an_accuracy_when_the_logits_overflow(tmp_path):
+    """Finite weights so large the logits are inf: NaN losses, which argmin read as ending 0 every time."""
+    data = write_jsonl(tmp_path / "val.jsonl", EXAMPLES)
+    model = random_gpt()
+    with torch.no_grad():
+        model.transformer.ln_f.weight.fill_(1e30)
+        model.lm_head.weight.mul_(1e30)
+    ckpt = str(tmp_path / "model_00010.pt")
+    train_gpt2.save_checkpoint(ckpt, {"model": model.state_dict(), "config": asdict(model.config), "step": 10})
+    proc = run_cli("-c", ckpt, "--data", data, "--limit", "5", "--device", "cpu")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "hellaswag: n=" not in proc.stdout
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: the model's losses are not finite (inf or NaN) on 5 of 5 examples: its logits overflow fp32")
 
 
 def test_cli_scores_checkpoint_and_hf_folder(tmp_path, hf_dir, capsys):

@@ -8,7 +8,7 @@ import torch
 from torch.nn import functional as F
 
 from helpers import ROOT, ok, save_tiny_hf_gpt2, train
-from train_gpt2 import GPT, GPTConfig, UserError, flops_per_token, get_lr, param_count
+from train_gpt2 import GPT, GPTConfig, UserError, flops_per_token, generate, get_lr, param_count
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +143,18 @@ def test_forward_refuses_too_long_input():
     model = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8))
     with pytest.raises(ValueError, match="block_size"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_sampling_outputs_that_are_not_finite_is_a_warning_not_a_traceback(capsys):
+    """torch.multinomial fails with a traceback on NaN probabilities; sampling comes before a checkpoint's check,
+    and under FSDP every rank must make the same forwards, so it goes on (drawing noise) and warns."""
+    import contextlib
+    model = GPT(GPTConfig(block_size=16, vocab_size=50304, n_layer=1, n_head=2, n_embd=8))
+    rows = generate(model, [1, 2, 3], 2, 6, "cpu", torch.Generator().manual_seed(0), contextlib.nullcontext(), 50257)
+    assert [len(r) for r in rows] == [6, 6] and all(r[:3] == [1, 2, 3] for r in rows)
+    assert "warning" not in capsys.readouterr().out
+    with torch.no_grad():
+        model.lm_head.weight[5, 0] = float("nan")
+    rows = generate(model, [1, 2, 3], 2, 6, "cpu", torch.Generator().manual_seed(0), contextlib.nullcontext(), 50257)
+    assert [len(r) for r in rows] == [6, 6] and all(0 <= t < 50257 for r in rows for t in r)
+    assert "warning: sampling: the model's outputs are not finite (inf or NaN)" in capsys.readouterr().out

@@ -240,6 +240,16 @@ def test_resume_from_a_path_and_past_a_corrupt_checkpoint(tmp_path, uninterrupte
     r = ok(train(RESUME + ["--log_dir", log_dir, "--resume", "auto"]))
     assert ": skipping it" in r.stdout and "resuming from" in r.stdout and "model_00012.pt" in r.stdout
     assert_same_run(uninterrupted, log_dir)
+    # and one whose bytes changed inside the weights, which torch.load reads without a word: its CRC-32 tells
+    with open(final, "r+b") as f:
+        f.seek(os.path.getsize(final) // 2)
+        chunk = f.read(64)
+        f.seek(-64, os.SEEK_CUR)
+        f.write(bytes(b ^ 0xFF for b in chunk))
+    r = ok(train(RESUME + ["--log_dir", log_dir, "--resume", "auto"]))
+    assert f"warning: checkpoint {final} is corrupt: its record " in r.stdout and ": skipping it" in r.stdout
+    assert f"resuming from {log_dir}/model_00018.pt at step 18" in r.stdout
+    assert_same_run(uninterrupted, log_dir)
 
 
 def test_resume_at_or_past_max_steps(tmp_path, uninterrupted):
