@@ -14,6 +14,7 @@ pieces, checkpoints and resume, the command line, then main().
 """
 import argparse
 import contextlib
+import errno
 import fcntl
 import glob
 import hashlib
@@ -697,6 +698,8 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(meta, map_location="cpu", weights_only=True)
     except OSError as e:  # not a broken file (--resume auto would pass over it, then overwrite it): stop
+        if e.errno == errno.EINVAL:  # torch's reader seeking past the end of a file cut short: a broken file
+            raise UserError(f"checkpoint {path} is truncated or corrupt (OSError: {e.strerror})")
         raise UnreadableCheckpoint(f"cannot read checkpoint {path}: {e.strerror or e}")
     except Exception as e:
         if isinstance(e, MemoryError) or "can't allocate memory" in str(e):

@@ -40,6 +40,7 @@ def d(tmp_path_factory):
     (d / "binary.txt").write_bytes(b"\xff\xfe\x00\x81" * 100)
     data = (d / "run" / "model_00001.pt").read_bytes()
     (d / "truncated.pt").write_bytes(data[:len(data) // 3])
+    (d / "stub.pt").write_bytes(data[:20_000])  # cut this short, torch.load raises OSError (EINVAL), not a format error
     middle = len(data) // 2  # inside the weights: torch.load reads it, only the record's CRC-32 tells
     (d / "flipped.pt").write_bytes(data[:middle] + bytes(b ^ 0xFF for b in data[middle:middle + 64]) +
                                    data[middle + 64:])
@@ -137,6 +138,7 @@ CASES = [
     ("train_gpt2.py", ["--init_from", "gpt5"], "unknown model 'gpt5'"),
     ("train_gpt2.py", ["--resume", "{d}/missing.pt"], "does not exist"),
     ("train_gpt2.py", ["--resume", "{d}/truncated.pt"], "truncated or corrupt"),
+    ("train_gpt2.py", ["--resume", "{d}/stub.pt"], "checkpoint {d}/stub.pt is truncated or corrupt (OSError: "),
     ("train_gpt2.py", ["--resume", "{d}/flipped.pt"], "{d}/flipped.pt is corrupt: its record "),
     ("train_gpt2.py", ["--data", "{d}/bighdr"], "cannot read shard {d}/bighdr/x_train_000000.npy: Header info length"),
     ("train_gpt2.py", ["--num_samples", str(2**62 - 1)], "--num_samples must be at most 1024"),
