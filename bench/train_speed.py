@@ -281,7 +281,7 @@ def main():
             micro_batches = 8 * args.batch_size * args.seq_len
             shards = [np.random.default_rng(0).integers(0, 50257, micro_batches + 1, dtype=np.uint16)]
         # too little data, or ids past the vocabulary: one line now, not a failure per variant
-        tg.DataLoader(shards, args.batch_size, args.seq_len, vocab_size=model_config(args).vocab_size)
+        tg.DataLoader(shards, args.batch_size, args.seq_len, vocab_size=config.vocab_size)
     except (tg.UserError, MemoryError, ValueError) as e:  # ValueError: numpy's, for sizes past any memory
         sys.exit(f"error: {tg.first_line(e)}")
     peak = tg.peak_flops(args.device.split(":")[0])
