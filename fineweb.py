@@ -94,8 +94,9 @@ def parse_args(argv):
     p.add_argument("--workers", type=count, default=cores,
                    help=f"tokenizer processes (default: the {cores} usable cores)")
     p.add_argument("--local_files", nargs="+", metavar="FILE",
-                   help="read local parquet/json/jsonl files or globs with a 'text' column instead of the hub "
-                   "(parquet is read a few row groups at a time by each worker; a json file is read whole by one)")
+                   help="read local parquet/json/jsonl files (json also gzipped) or globs with a 'text' column instead "
+                   "of the hub (parquet is read a few row groups at a time by each worker; a json file is read whole "
+                   "by one)")
     p.add_argument("--max_tokens", type=count, help="stop after this many tokens (a quick subset)")
     p.add_argument("--verify", action="store_true", help="check the shards in --out_dir against the manifest")
     p.add_argument("--start_method", choices=["fork", "spawn", "forkserver"],
@@ -138,7 +139,7 @@ def describe_source(args):
             fail(f"{f} is not a file")
         kind = next((k for ext, k in LOCAL_FORMATS.items() if f.endswith(ext)), None)
         if kind is None:
-            fail(f"{f}: unsupported file type; use .parquet, .json or .jsonl")
+            fail(f"{f}: unsupported file type; use .parquet, .json, .jsonl, .json.gz or .jsonl.gz")
         if f.endswith(".gz") and any(c in os.path.basename(f) for c in "[]"):  # fsspec's URL of the unzipped file
             fail(f"{f}: datasets cannot stream a compressed file with [ or ] in its name; rename it, or gunzip it")
         formats.add(kind)
@@ -742,8 +743,10 @@ def verify(out_dir):
         problem = check_shard(out_dir, entry, i, prefix, size)
         if problem is None and entry["first"] not in ([[0, 0]] if end is None else [end, [end[0] + 1, 0]]):
             problem = f"starts at [document, offset] {entry['first']}, but the previous shard ends at {end}"
-        if problem is None and entry["tokens"] != size and (i + 1 < len(shards) or not manifest.get("complete")):
-            problem = f"holds {entry['tokens']} tokens; only a finished run's last shard may hold fewer than {size}"
+        # the last shard may be short: the remainder of the data, or of --max_tokens (and of a run killed just after
+        # writing it: the manifest is incomplete, and a rerun keeps it and goes on from its end)
+        if problem is None and entry["tokens"] != size and i + 1 < len(shards):
+            problem = f"holds {entry['tokens']} tokens; only the last shard may hold fewer than {size}"
         if problem:
             problems.append(f"{entry['file']}: {problem}")
         end = entry["end"]

@@ -73,8 +73,12 @@ def read_examples(path):
                 raise UserError(f"{path}: not a readable parquet file ({first_line(e)})")
             return [check_example(row, f"{path}: row {i}") for i, row in enumerate(rows)]
         examples = []
-        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark some editors write is no JSON
-            for n, line in enumerate(f, 1):
+        with open(path, "rb") as f:  # decoded line by line, so a byte that is not UTF-8 is named by its line
+            for n, raw in enumerate(f, 1):
+                try:  # -sig: a byte-order mark some editors write is no JSON
+                    line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise UserError(f"{path}: not UTF-8 text, nor parquet (line {n}, byte {e.start + 1})")
                 if not line.strip():
                     continue
                 try:
@@ -83,8 +87,6 @@ def read_examples(path):
                     raise UserError(f"{path}: line {n} is not valid JSON")
                 examples.append(check_example(ex, f"{path}: line {n}"))
         return examples
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text, nor parquet (byte {e.start})")
     except OSError as e:  # missing, a folder, unreadable; pyarrow's errors for broken parquet are OSErrors too
         raise UserError(f"cannot read HellaSwag file {path}: {e.strerror or first_line(e)}")
 
@@ -98,7 +100,8 @@ def download(path):
         os.makedirs(folder, exist_ok=True)
     except OSError as e:  # a UserError: under torchrun the other ranks are waiting for this one's outcome
         raise UserError(f"cannot create the HellaSwag cache folder {folder}: {e.strerror or e}: "
-                        "set $HELLASWAG_CACHE to a folder that can be written, or pass --data")
+                        "set $HELLASWAG_CACHE to a folder that can be written, or pass --data (train_gpt2.py: "
+                        "--hellaswag_data)")
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         try:
@@ -150,7 +153,8 @@ def load_examples(data=None, cache_dir=None, limit=None):
         if error:
             raise error
         if not os.path.exists(data):
-            raise UserError(f"local rank 0 did not download HellaSwag to {data}: see its error, or pass --data")
+            raise UserError(f"local rank 0 did not download HellaSwag to {data}: see its error, or pass --data "
+                            "(train_gpt2.py: --hellaswag_data)")
     try:
         examples = read_examples(data)[:limit]
     except UserError as e:
@@ -214,7 +218,7 @@ def score_endings(model, examples, device, amp=contextlib.nullcontext(), batch_s
     """Summed loss and scored-token count of every ending: two (len(examples), 4) float64 CPU tensors.
 
     batch_size examples' worth of rows (4 each) go through one forward, padded to a fixed length and row
-    count (the last batch gets empty rows), so a compiled model sees only a few shapes. batch_size=0
+    count (each length's last batch gets empty rows), so a compiled model sees only a few shapes. batch_size=0
     is the lecture's way: one example per forward, its 4 rows padded to the longest of them. sync_ranks:
     every rank makes as many forwards as the busiest one (an FSDP model gathers its weights in each), and
     stops with the others. Example i is number first + stride * i of the whole set, as errors name it.

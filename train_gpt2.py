@@ -338,8 +338,11 @@ class FP8Matmul(torch.autograd.Function):
     def forward(ctx, x, weight, bias, out_dtype):
         xq, x_inv = to_fp8(x.reshape(-1, x.size(-1)), torch.float8_e4m3fn)
         wq, w_inv = to_fp8(weight, torch.float8_e4m3fn)
+        fused_bias = bias is not None and out_dtype != torch.float32  # CUDA's kernel adds no bias to fp32 output
         y = torch._scaled_mm(xq, wq.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=out_dtype,
-                             bias=None if bias is None else bias.to(out_dtype))
+                             bias=bias.to(out_dtype) if fused_bias else None)
+        if bias is not None and not fused_bias:
+            y = y + bias
         ctx.save_for_backward(xq, x_inv, wq, w_inv)  # FP8 copies: a quarter of fp32 activations' memory
         ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x.shape, x.dtype, weight.dtype
         ctx.b_dtype = None if bias is None else bias.dtype
@@ -885,8 +888,8 @@ def list_checkpoints(log_dir):
 
 
 def find_resume_checkpoint(log_dir, warn, overwrite=False):
-    """The newest checkpoint in log_dir that loads, skipping broken ones; None if there is none (or, with
-    overwrite, none that loads).
+    """(checkpoint, path) of the newest checkpoint in log_dir that loads, skipping broken ones; (None, None) if
+    there is none (or, with overwrite, none that loads).
 
     Both kinds count: an FSDP checkpoint found by a run without --fsdp is refused, not passed over."""
     found = list_checkpoints(log_dir)
@@ -1170,7 +1173,7 @@ def parse_args(argv=None):
       "124M on an H200, cuBLAS beat every autotuned kernel")
     a("--fp8", action="store_true", help="run the blocks' training matmuls in FP8 (GPUs of compute capability "
       "8.9+: Ada, Hopper); not the lecture's bf16 numerics, and at 124M slower (5-7%% on an H200); the lm_head "
-      "and evaluation stay bf16")
+      "and evaluation stay in the --dtype")
     a("--loss_chunk_rows", type=int, default=8192,
       help="compute lm_head + cross-entropy this many rows at a time, never the full logits: B=64 in 26 GiB, "
       "not 41 (0: all at once, as the lecture; about 1.5%% faster where memory allows)")

@@ -24,6 +24,8 @@ def scaled_mm_calls(monkeypatch):
         assert a.size(1) % 16 == 0 and b.size(0) % 16 == 0 and b.size(1) % 16 == 0, (a.shape, b.shape)
         assert {a.dtype, b.dtype} <= {E4M3, E5M2} and (a.dtype, b.dtype) != (E5M2, E5M2)
         assert scale_a.dtype == scale_b.dtype == torch.float32 and scale_a.numel() == scale_b.numel() == 1
+        # "Bias is not supported when out_dtype is set to Float32"; and it must be bf16 for a bf16 output
+        assert bias is None or (out_dtype in (torch.bfloat16, torch.float16) and bias.dtype == out_dtype)
         calls.append((a.clone(), b.clone(), scale_a.clone(), scale_b.clone()))
         return real(a, b, scale_a=scale_a, scale_b=scale_b, bias=bias, out_dtype=out_dtype, **kwargs)
 

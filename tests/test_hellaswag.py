@@ -160,8 +160,13 @@ def test_malformed_parquet_and_other_bad_files(tmp_path):
     with pytest.raises(UserError, match="holds no HellaSwag examples"):
         hellaswag.load_examples(str(tmp_path / "empty.jsonl"))
     (tmp_path / "latin1.jsonl").write_bytes("caf\xe9\n".encode("latin-1"))
-    with pytest.raises(UserError, match="not UTF-8 text, nor parquet"):
+    with pytest.raises(UserError, match=r"not UTF-8 text, nor parquet \(line 1, byte 4\)"):
         hellaswag.load_examples(str(tmp_path / "latin1.jsonl"))
+    # far into a file: the line is the file's, not a count within the chunk being decoded
+    good = json.dumps(EXAMPLES[0]) + "\n"
+    (tmp_path / "late.jsonl").write_bytes((good * 2000 + "caf\xe9\n").encode("latin-1"))
+    with pytest.raises(UserError, match=r"not UTF-8 text, nor parquet \(line 2001, byte 4\)"):
+        hellaswag.load_examples(str(tmp_path / "late.jsonl"))
     with pytest.raises(UserError, match="cannot read HellaSwag file .*missing.jsonl"):
         hellaswag.load_examples(str(tmp_path / "missing.jsonl"))
 
