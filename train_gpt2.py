@@ -18,6 +18,7 @@ import errno
 import fcntl
 import glob
 import hashlib
+import io
 import itertools
 import math
 import os
@@ -27,6 +28,7 @@ import signal
 import sys
 import time
 import warnings
+import zipfile
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 
@@ -652,7 +654,8 @@ CHECKPOINT_TMP = re.compile(r"model_\d+\.(pt\.tmp\d+|dcp\.tmp)$")  # what save_c
 
 def nonfinite_weight(weights):
     """The name of the first tensor in a state dict that holds inf or NaN, or None."""
-    return next((k for k, v in weights.items() if v.is_floating_point() and not v.isfinite().all()), None)
+    return next((k for k, v in weights.items()
+                 if isinstance(v, torch.Tensor) and v.is_floating_point() and not v.isfinite().all()), None)
 
 
 def save_checkpoint(path, state):
@@ -723,18 +726,39 @@ def load_checkpoint(path):
     if sharded:  # every shard file must hold the bytes .metadata points into, so --resume auto passes over a cut one
         from torch.distributed.checkpoint import FileSystemReader
         try:
-            ends = {}
-            for info in FileSystemReader(path).read_metadata().storage_data.values():
-                ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+            items = sorted(FileSystemReader(path).read_metadata().storage_data.values(),
+                           key=lambda info: (info.relative_path, info.offset))
         except Exception as e:
             raise UserError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__} in .metadata)")
-        files = {name: os.path.join(path, name) for name in sorted(ends)}
+        ends = {}
+        for info in items:
+            ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+        files = {name: os.path.join(path, name) for name in ends}
         short = [n for n, f in files.items() if not os.path.isfile(f) or os.path.getsize(f) < ends[n]]
         if short:
             raise UserError(f"checkpoint {path} is incomplete ({short[0]} is missing or cut short)")
+        # each item is a torch.save archive of its own, read back by torch.load, which checks no CRC: check them
+        # here (every rank reads every shard once; on one node the page cache serves the ranks after the first)
+        for info in items:
+            try:
+                with open(files[info.relative_path], "rb") as f:
+                    f.seek(info.offset)
+                    item = io.BytesIO(f.read(info.length))
+            except OSError as e:
+                raise UnreadableCheckpoint(f"cannot read checkpoint {path}: {e.strerror or e}")
+            if not zipfile.is_zipfile(item):
+                raise UserError(f"checkpoint {path} is corrupt: {info.relative_path} holds no archive at byte "
+                                f"{info.offset}, where .metadata puts one")
+            damaged = failed_crc(item, path)
+            if damaged:
+                raise UserError(f"checkpoint {path} is corrupt: in {info.relative_path} at byte {info.offset}, the "
+                                f"record {damaged} does not match its CRC-32")
     ckpt["sharded"] = sharded
     if not sharded:  # compiled and DDP-wrapped models prefix their parameter names
         ckpt["model"] = {re.sub(r"^((_orig_mod|module)\.)+", "", k): v for k, v in ckpt["model"].items()}
+        bad = nonfinite_weight(ckpt["model"])  # never written so (save_checkpoint): edited or damaged since
+        if bad is not None:
+            raise UserError(f"checkpoint {path}: its weight {bad} holds inf or NaN")
     return ckpt
 
 
@@ -742,7 +766,6 @@ def failed_crc(file, path):
     """The first record of a torch.save file whose bytes no longer match the CRC-32 written with it, or None.
     torch.load does not check them: a flipped byte among the weights would load as a wrong number. A CRC of 0
     is taken for none (torch.serialization.set_crc32_options(False) writes 0)."""
-    import zipfile
     try:
         with zipfile.ZipFile(file) as archive:
             for record in archive.infolist():
@@ -756,7 +779,7 @@ def failed_crc(file, path):
                     return record.filename
     except OSError as e:
         raise UnreadableCheckpoint(f"cannot read checkpoint {path}: {e.strerror or e}")
-    except zipfile.BadZipFile:  # torch.load read it, so its own format: leave it to that
+    except zipfile.BadZipFile:  # torch.load read it (or DCP will), so its own format: leave it to that
         return None
     return None
 

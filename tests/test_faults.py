@@ -479,6 +479,18 @@ def test_a_checkpoint_of_nonfinite_weights_is_never_written(tmp_path):
     assert os.listdir(tmp_path) == ["model_00005.pt"] and path.read_bytes() == b"an earlier checkpoint"
 
 
+def test_a_checkpoint_of_nonfinite_weights_is_refused_and_passed_over(tmp_path):
+    """One edited or damaged since (save_checkpoint never writes one): resuming from it would diverge at once."""
+    good = {"model": {"a": torch.ones(3)}, "config": {}, "step": 3}
+    torch.save(good, tmp_path / "model_00003.pt")
+    torch.save({**good, "model": {"a": torch.tensor([1.0, float("inf"), 0.0])}, "step": 6}, tmp_path / "model_00006.pt")
+    with pytest.raises(UserError, match=r"checkpoint .*model_00006.pt: its weight a holds inf or NaN"):
+        train_gpt2.load_checkpoint(str(tmp_path / "model_00006.pt"))
+    said = []
+    ckpt, path = train_gpt2.find_resume_checkpoint(str(tmp_path), said.append)
+    assert path.endswith("model_00003.pt") and ckpt["step"] == 3 and said[0].endswith("inf or NaN: skipping it")
+
+
 def test_fp16_overflow_is_the_scalers_business():
     """With a GradScaler an inf grad norm is routine overflow: the scaler skips the update and halves its scale;
     the run neither stops nor counts it. A non-finite loss counts with or without the scaler."""

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import train_gpt2
 from helpers import TINY, ok, records, run_script, train
 from train_gpt2 import GPT, MODELS, GPTConfig, memory_plan, param_count
 
@@ -200,6 +201,28 @@ def test_fsdp_truncated_shard_is_one_line(fsdp_run, tmp_path):
     assert r.returncode != 0 and "[rank" not in r.stderr, r.stderr
     assert errors == [f"error: checkpoint {tmp_path}/model_00003.dcp is incomplete (__1_0.distcp is missing or "
                       "cut short)"] * 2
+
+
+@pytest.mark.parametrize("damage", ["flipped bytes", "zeroed header"])
+def test_fsdp_damaged_shard_is_refused_and_passed_over(fsdp_run, tmp_path, damage):
+    """DCP reads each item back with torch.load, which checks no CRC: bytes flipped in a shard's weights would load
+    as wrong numbers, and a damaged item header failed only in the load. load_checkpoint finds both, so --resume
+    auto goes back to the checkpoint before."""
+    from torch.distributed.checkpoint import FileSystemReader
+    for step in (3, 6):
+        shutil.copytree(fsdp_run / "two" / f"model_0000{step}.dcp", tmp_path / f"model_0000{step}.dcp")
+    ckpt = tmp_path / "model_00006.dcp"
+    item = max(FileSystemReader(str(ckpt)).read_metadata().storage_data.values(), key=lambda info: info.length)
+    shard = ckpt / item.relative_path
+    data = bytearray(shard.read_bytes())
+    at = item.offset + item.length // 2 if damage == "flipped bytes" else item.offset
+    data[at:at + 8] = bytes(b ^ 0xFF for b in data[at:at + 8])
+    shard.write_bytes(bytes(data))
+    with pytest.raises(train_gpt2.UserError, match=f"checkpoint {ckpt} is corrupt: .*{item.relative_path}"):
+        train_gpt2.load_checkpoint(str(ckpt))
+    said = []
+    _, path = train_gpt2.find_resume_checkpoint(str(tmp_path), said.append)
+    assert path.endswith("model_00003.dcp") and len(said) == 1 and said[0].endswith(": skipping it"), said
 
 
 @pytest.mark.parametrize("world", [2, 1])
