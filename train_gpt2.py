@@ -417,8 +417,10 @@ def load_splits(data, need_val):
     if not os.path.isdir(data):
         raise UserError(f"no data at '{data}': {how}")
     splits = {}
+    names = sorted(glob.glob(os.path.join(glob.escape(data), "*.npy")))
     for split in ("train", "val"):
-        paths = sorted(glob.glob(os.path.join(glob.escape(data), f"*_{split}_*.npy")))
+        # the last _train_ or _val_ in a name decides: a prefix such as my_val_set_ does not put a shard in both
+        paths = [p for p in names if (m := re.search(r".*_(train|val)_", os.path.basename(p))) and m[1] == split]
         if not paths and (split == "train" or need_val):
             raise UserError(f"no *_{split}_*.npy shards in '{data}': {how}")
         splits[split] = [load_shard(p) for p in paths]
@@ -465,30 +467,30 @@ class DataLoader:
 
     def set_state(self, state):
         """Go to a position; one from other data or another order (a checkpoint's) is refused."""
+        if not isinstance(state, dict) or not {"epoch", "shard_pos", "cursor"} <= set(state):
+            raise UserError(f"the checkpoint's {self.split} position is not a loader state: {state!r:.100}")
         had, has = state.get("shard_tokens"), self.shard_tokens
         if had is not None and had != has:
             raise UserError(f"the checkpoint's run read other {self.split} data ({len(had)} shards, {sum(had):,} "
                             f"tokens; this --data has {len(has)}, {sum(has):,} tokens): resume with the same data")
         # the seed orders shuffled data only
-        if "shuffle" in state and (state["shuffle"] != self.shuffle or (self.shuffle and state["seed"] != self.seed)):
-            raise UserError("the checkpoint's run read its data " + (f"shuffled with --seed {state['seed']}"
+        if "shuffle" in state and (state["shuffle"] != self.shuffle or (self.shuffle and state.get("seed") != self.seed)):
+            raise UserError("the checkpoint's run read its data " + (f"shuffled with --seed {state.get('seed')}"
                             if state["shuffle"] else "in order, without --shuffle") + ": resume it the same way")
         position = [state["epoch"], state["shard_pos"], state["cursor"]]
         bad = UserError(f"the checkpoint's {self.split} position (epoch, shard, window) {position} is not in this data")
         if not all(map(is_count, position)) or position[1] >= len(self.shards):
             raise bad
-        self.epoch, self.shard_pos, self.cursor = position
-        self._start_epoch(keep_position=True)
-        if self.cursor > self.windows[self.order[self.shard_pos]]:
+        self.epoch = position[0]
+        self._order_shards()
+        if position[2] > self.windows[self.order[position[1]]]:  # checked before a shard without windows is passed
             raise bad
-
-    def _start_epoch(self, keep_position=False):
-        n = len(self.shards)
-        rng = np.random.default_rng([self.seed, self.epoch])
-        self.order = rng.permutation(n) if self.shuffle else np.arange(n)
-        if not keep_position:
-            self.shard_pos, self.cursor = 0, 0
+        self.shard_pos, self.cursor = position[1:]
         self._enter_shard()
+
+    def _order_shards(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self.order = rng.permutation(len(self.shards)) if self.shuffle else np.arange(len(self.shards))
 
     def _enter_shard(self):
         while self.windows[self.order[self.shard_pos]] == 0:  # a shard shorter than one window
@@ -500,11 +502,10 @@ class DataLoader:
 
     def _advance_shard(self):
         self.shard_pos, self.cursor = self.shard_pos + 1, 0
-        if self.shard_pos == len(self.shards):
-            self.epoch += 1
-            self._start_epoch()  # wraps around to the first shard of the next epoch
-        else:
-            self._enter_shard()
+        if self.shard_pos == len(self.shards):  # wrap around to the first shard of the next epoch
+            self.epoch, self.shard_pos = self.epoch + 1, 0
+            self._order_shards()
+        self._enter_shard()
 
     def next_batch(self):
         picks = []  # (shard, window) of every row of this micro-step, all ranks, in order

@@ -96,6 +96,24 @@ def test_state_round_trip(shuffle):
     assert [sum(batch, []) for batch in zip(*[rows(r, 5) for r in d])] == rows(c, 5)
 
 
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_a_position_past_a_shard_is_refused_even_beside_shards_without_windows(shuffle):
+    """Shards of 0 and 3 tokens have no window of T+1: a cursor into one is not moved on to the next shard."""
+    shards = shards_of([0, 21, 3, 41])  # windows 0, 5, 0, 10
+    loader = DataLoader(shards, B, T, shuffle=shuffle, seed=3)
+    order = [int(i) for i in loader.order]
+    for shard, cursor in [(0, 999), (2, 7), (1, 6), (3, 11)]:
+        with pytest.raises(UserError, match="is not in this data"):
+            loader.set_state(dict(loader.state_dict(), epoch=0, shard_pos=order.index(shard), cursor=cursor))
+    loader.set_state(dict(loader.state_dict(), epoch=0, shard_pos=order.index(3), cursor=10))  # its end: fine
+    for state in [None, [0, 0, 0], {"epoch": 0, "cursor": 0}]:
+        with pytest.raises(UserError, match="not a loader state"):
+            loader.set_state(state)
+    if shuffle:
+        with pytest.raises(UserError, match="resume it the same way"):
+            loader.set_state({"epoch": 0, "shard_pos": 0, "cursor": 0, "shuffle": True})  # no seed
+
+
 def test_shuffle_permutes_windows_and_shards_per_epoch():
     shards = shards_of([41, 81, 61])
     windows = sum((n - 1) // T for n in [41, 81, 61])
@@ -128,6 +146,15 @@ def test_load_splits_from_a_folder(tmp_path):
     splits = load_splits(folder, need_val=True)
     assert [len(s) for s in splits["train"]] == [300, 200] and [len(s) for s in splits["val"]] == [100]
     assert splits["train"][0][0] == 100  # val shard first, train after it, in name order
+
+
+def test_the_last_split_in_a_name_decides(tmp_path):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    np.save(folder / "my_val_set_train_000001.npy", np.arange(100, dtype=np.uint16))
+    np.save(folder / "my_train_set_val_000000.npy", np.arange(50, dtype=np.uint16))
+    splits = load_splits(str(folder), need_val=True)
+    assert [len(s) for s in splits["train"]] == [100] and [len(s) for s in splits["val"]] == [50]
 
 
 def test_load_splits_rejects_bad_folders(tmp_path):
