@@ -213,11 +213,15 @@ class GPT(nn.Module):
         hf_logging.set_verbosity_error()  # nor config warnings and a progress bar: errors here are one line
         hf_logging.disable_progress_bar()
         try:
-            hf, info = GPT2LMHeadModel.from_pretrained(name_or_dir, output_loading_info=True)
+            hf, info = GPT2LMHeadModel.from_pretrained(name_or_dir, output_loading_info=True,
+                                                       ignore_mismatched_sizes=True)  # refused below, by name
         except Exception as e:  # no network, a broken folder, not a GPT-2 checkpoint, ...
             raise UserError(f"cannot load '{name_or_dir}' with transformers: {first_line(e)}")
         # transformers fills the weights a folder lacks with random ones (another architecture's folder: all of
         # them), and says so only in a warning
+        if info["mismatched_keys"]:  # (key, shape in the folder, shape its config gives)
+            key, found, wanted = sorted(info["mismatched_keys"])[0]
+            raise UserError(f"'{name_or_dir}': {key} has shape {tuple(found)}, its config gives {tuple(wanted)}")
         absent = sorted(k for k in info["missing_keys"] if not k.endswith(".attn.bias"))
         if absent:
             raise UserError(f"'{name_or_dir}' is not a GPT-2 checkpoint: it lacks {len(absent)} of GPT-2's weights, "

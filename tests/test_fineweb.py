@@ -713,25 +713,66 @@ def test_default_out_dir(argv, out_dir):
 
 # ----------------------------------------------------------------------------- bad input (the rest: test_bad_input.py)
 
-def hub_reachable():
-    try:
-        socket.getaddrinfo("huggingface.co", 443)
-        return True
-    except OSError:
-        return False
+@pytest.fixture
+def local_hub(monkeypatch):
+    """The hub's address, pointed at a server here that answers every request with 503 and records its path
+    (or, with refuse(), at a port where nothing listens): the real download path runs up to the network."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import datasets.config
+    import huggingface_hub.constants as hub
+    import huggingface_hub.utils._http as http
+    paths = []
+
+    class Unavailable(BaseHTTPRequestHandler):
+        def do_GET(self):
+            paths.append(self.path)
+            self.send_response(503)
+            self.end_headers()
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def point_at(url):
+        monkeypatch.setattr(hub, "ENDPOINT", url)
+        monkeypatch.setattr(hub, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(datasets.config, "HF_ENDPOINT", url)
+
+    def refuse():
+        with socket.socket() as s:  # a port that was free a moment ago: connections to it are refused
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        point_at(f"http://127.0.0.1:{port}")
+
+    monkeypatch.setattr(http.time, "sleep", lambda s: None)  # skip the retry back-off
+    point_at(f"http://127.0.0.1:{server.server_port}")
+    yield paths, refuse
+    server.shutdown()
 
 
-@pytest.mark.skipif(hub_reachable(), reason="the HF hub is reachable here; this checks the offline error")
 @pytest.mark.parametrize("dataset,name", [("fineweb-edu", "HuggingFaceFW/fineweb-edu"),
                                           ("fineweb", "HuggingFaceFW/fineweb")])
-def test_unreachable_hub(tmp_path, monkeypatch, dataset, name):
-    """The real download path, up to the network call: it fails in one line and writes nothing."""
-    import huggingface_hub.utils._http as http
-    monkeypatch.setattr(http.time, "sleep", lambda s: None)  # skip the retry back-off
+@pytest.mark.parametrize("hub", ["unavailable", "unreachable"])
+def test_a_hub_that_fails(tmp_path, local_hub, dataset, name, hub):
+    """The real download path, up to the network call: it asks the hub for the dataset, fails in one line and
+    writes nothing."""
+    paths, refuse = local_hub
+    if hub == "unreachable":
+        refuse()
     with pytest.raises(SystemExit) as e:
         fineweb.main(["--dataset", dataset, "--out_dir", str(tmp_path / "out")])
     msg = str(e.value.code)
-    assert msg.startswith(f"error: cannot open {name} (sample-10BT): ") and "\n" not in msg
+    assert msg.startswith(f"error: cannot open {name} (sample-10BT): ") and "\n" not in msg, msg
+    if hub == "unreachable":
+        assert "Couldn't reach" in msg, msg
+    else:
+        assert f"/datasets/{name}/resolve/main/README.md" in paths, paths
     assert not os.path.exists(tmp_path / "out")
 
 

@@ -118,7 +118,16 @@ def test_training_with_fp8_follows_the_plain_run(tmp_path):
         runs[name] = records(log_dir)
     assert [r[:2] for r in runs["plain"]] == [r[:2] for r in runs["fp8"]]
     assert all(abs(a[2] - b[2]) < 0.02 * a[2] for a, b in zip(runs["plain"], runs["fp8"])), runs
+    assert runs["plain"] != runs["fp8"]  # close, not the same: the FP8 roundings show
     assert runs["fp8"][-1][2] < runs["fp8"][0][2] - 0.5  # and it learns
+
+
+def test_the_trainer_runs_the_fp8_matmuls_with_the_flag(scaled_mm_calls, tmp_path):
+    for flag, want in [([], 0), (["--fp8"], 2 * 4 * 3 * 2)]:  # 2 blocks x 4 Linear x 3 matmuls x 2 micro-steps
+        scaled_mm_calls.clear()
+        train_gpt2.main(FAST + ["--max_steps", "1", "--eval_every", "1", "--val_steps", "1", "--log_dir",
+                                str(tmp_path / str(want)), *flag])
+        assert len(scaled_mm_calls) == want  # and evaluation, without grad, runs none
 
 
 def test_fp8_flag_refuses_an_odd_width(tmp_path):

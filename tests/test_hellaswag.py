@@ -368,6 +368,12 @@ def test_amp_and_training_mode():
     assert model.training  # evaluate puts the mode back
     res16 = hellaswag.evaluate(model, EXAMPLES, "cpu", amp=torch.autocast("cpu", dtype=torch.bfloat16), batch_size=4)
     assert res16["n"] == res32["n"] and abs(res16["acc_norm"] - res32["acc_norm"]) <= 3 / len(EXAMPLES)
+    # the forwards run under the autocast given: bf16 losses round differently from fp32's, and only by that
+    sums32, counts32 = hellaswag.score_endings(model, EXAMPLES, "cpu", batch_size=4)
+    sums16, counts16 = hellaswag.score_endings(model, EXAMPLES, "cpu", amp=torch.autocast("cpu", dtype=torch.bfloat16),
+                                               batch_size=4)
+    assert torch.equal(counts16, counts32) and not torch.equal(sums16, sums32)
+    assert torch.allclose(sums16, sums32, rtol=2e-2)
 
 
 # -----------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import torch
 from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import train_gpt2
 from helpers import FAST, ok, records, train
 from train_gpt2 import GPT, GPTConfig, chunked_cross_entropy, parse_args
 
@@ -152,3 +153,15 @@ def test_training_with_the_flag_logs_the_same_losses(tmp_path):
         assert [(s, k) for s, k, _ in runs[0]] == [(s, k) for s, k, _ in chunked]
         for (_, _, a), (_, _, b) in zip(runs[0], chunked):
             assert abs(a - b) < 1e-4
+
+
+def test_the_trainer_computes_the_loss_the_flag_asks_for(tmp_path, monkeypatch):
+    """The runs above would agree if the trainer ignored the flag: here its calls of the chunked loss are counted."""
+    real, calls = train_gpt2.chunked_cross_entropy, []
+    monkeypatch.setattr(train_gpt2, "chunked_cross_entropy", lambda x, w, t, rows: calls.append(rows) or real(x, w, t, rows))
+    for i, (flag, want) in enumerate([([], 8192), (["--loss_chunk_rows", "50"], 50), (["--loss_chunk_rows", "0"], None)]):
+        calls.clear()
+        train_gpt2.main(FAST + ["--max_steps", "1", "--eval_every", "1", "--val_steps", "1", "--log_dir",
+                                str(tmp_path / f"run{i}"), *flag])
+        # 2 micro-steps of training, 2 evaluations of 1 micro-batch (steps 0 and 1)
+        assert calls == ([want] * 4 if want else []), (flag, calls)

@@ -86,7 +86,8 @@ def test_from_pretrained_refuses_a_wrong_shape(hf_dir, tmp_path):
     weights = safetensors.torch.load_file(str(bad / "model.safetensors"))
     weights["transformer.h.0.mlp.c_fc.weight"] = weights["transformer.h.0.mlp.c_fc.weight"][:, :100].contiguous()
     safetensors.torch.save_file(weights, str(bad / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=r"bad': transformer.h.0.mlp.c_fc.weight has shape \(32, 100\), its config "
+                       r"gives \(32, 128\)$"):
         GPT.from_pretrained(str(bad))
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train_gpt2
-from helpers import TINY, ok, records, run_script, train
+from helpers import FAST, TINY, ok, records, run_script, train
 from train_gpt2 import GPT, MODELS, GPTConfig, memory_plan, param_count
 
 # Brown et al. 2020, Table 2.1: nominal sizes, and the paper's batch (tokens) and learning rate
@@ -83,6 +83,27 @@ def test_activation_checkpointing_does_not_change_the_numbers():
     assert torch.allclose(grads[0], grads[1], atol=1e-7)
 
 
+def test_activation_checkpointing_recomputes_each_block(tmp_path, monkeypatch):
+    """Equal numbers (above) would hold for a flag that does nothing: count the blocks' forwards instead."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(32, 128, 2, 2, 32))
+    forwards, forward = [], train_gpt2.Block.forward
+    monkeypatch.setattr(train_gpt2.Block, "forward", lambda self, x: forwards.append(1) or forward(self, x))
+    idx = torch.randint(0, 128, (2, 16))
+    for checkpointing, want in [(False, 2), (True, 4)]:  # 2 blocks; checkpointed, each runs again in the backward
+        forwards.clear()
+        model.activation_checkpointing = checkpointing
+        model(idx, idx)[1].backward()
+        assert len(forwards) == want
+    # and the trainer's flag turns it on: every block of every micro-step, none in evaluation
+    real, calls = torch.utils.checkpoint.checkpoint, []
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for flag, want in [([], 0), (["--activation_checkpointing"], 2 * 2)]:  # 2 blocks x 2 micro-steps
+        calls.clear()
+        train_gpt2.main(FAST + ["--max_steps", "1", "--val_steps", "1", "--log_dir", str(tmp_path / str(want)), *flag])
+        assert len(calls) == want
+
+
 def torchrun(n, args, timeout=600):
     return ok(run_script([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
                           "train_gpt2.py", *args], timeout=timeout))
@@ -149,6 +170,12 @@ def test_fsdp_in_bf16_has_the_numerics_of_one_process_with_autocast(tmp_path):
     assert [r[:2] for r in one] == [r[:2] for r in two] and len(one) == 6 + 3
     assert all(abs(a[2] - b[2]) < 5e-6 for a, b in zip(one[:2], two[:2])), (one, two)
     assert all(abs(a[2] - b[2]) < 5e-4 for a, b in zip(one, two)), (one, two)
+    # and bf16 it is: an fp32 run of the same model and batches rounds differently
+    ok(train(FSDP + ["--dtype", "fp32", "--checkpoint_every", "0", "--batch_size", "8", "--log_dir",
+                     str(tmp_path / "fp32")]))
+    fp32 = records(str(tmp_path / "fp32"))
+    for bf16_run in (one, two):  # they differ by up to 2e-4 here
+        assert max(abs(a[2] - b[2]) for a, b in zip(bf16_run, fp32)) > 5e-5, (bf16_run, fp32)
 
 
 # every process of the launch imports this (a sitecustomize.py on PYTHONPATH): fsync fails as on a full disk
