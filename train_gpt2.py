@@ -1348,10 +1348,11 @@ def setup_device(device_arg, timeout=600):
     A collective that waits longer than `timeout` seconds (a rank died or hangs) fails the job."""
     if device_arg == "auto":
         device_arg = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
-    kind, _, index = device_arg.partition(":")
-    count = {"cpu": 1, "mps": int(torch.backends.mps.is_available()), "cuda": torch.cuda.device_count()}.get(kind)
-    if count is None or not (index.isdigit() or index == ""):
+    parsed = re.fullmatch(r"(cpu|cuda|mps)(?::(0|[1-9][0-9]*))?", device_arg)  # as torch.device takes it
+    if not parsed:
         raise UserError(f"--device {device_arg}: use auto, cpu, cuda, cuda:N or mps")
+    kind, index = parsed[1], parsed[2] or ""
+    count = {"cpu": 1, "mps": int(torch.backends.mps.is_available()), "cuda": torch.cuda.device_count()}[kind]
     if int(index or 0) >= count:
         raise UserError(f"--device {device_arg}: no such device here (PyTorch sees {count} {kind} device(s))")
     if "RANK" not in os.environ:
@@ -1475,6 +1476,12 @@ def main(argv=None):
     common = dict(rank=rank, world_size=world, pin_memory=device_type == "cuda", vocab_size=config.vocab_size)
     train_loader = DataLoader(splits["train"], B, T, shuffle=args.shuffle, seed=args.seed, **common)
     val_loader = DataLoader(splits["val"], B, T, split="val", **common) if args.eval_every else None
+    if val_loader and args.val_steps * B * world > sum(val_loader.windows):  # the loader wraps around
+        say(f"warning: --val_steps {args.val_steps} reads {args.val_steps * B * world:,} sequences of the val data, "
+            f"which holds {sum(val_loader.windows):,}: some count twice in the val loss")
+    if config.vocab_size < 50257 and (args.hellaswag_every or args.sample_every):  # an --init_from model
+        raise UserError(f"the model's vocabulary of {config.vocab_size} tokens cannot take the GPT-2 tokens that "
+                        "HellaSwag and sampling give it: pass --hellaswag_every 0 --sample_every 0")
     hella_examples = None
     if args.hellaswag_every:
         import hellaswag  # loads (downloading once per node) now, so a missing source fails before training
@@ -1510,6 +1517,8 @@ def main(argv=None):
     log_path = os.path.join(args.log_dir, "log.txt")
     start_step, evals_done, resumed = resume_or_start(args, model, optimizer, scaler, train_loader, T,
                                                       device_type, master, say)
+    # a loaded optimizer brings back its run's weight decay: this run's flag holds, as its LR does
+    optimizer.param_groups[0]["weight_decay"] = args.weight_decay
 
     # compile and wrap. Evaluation runs the compiled module directly (same shapes as training, compiled
     # once more for no_grad); sampling grows its input every token, so it runs the eager model.

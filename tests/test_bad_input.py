@@ -161,6 +161,9 @@ CASES = [
     ("train_gpt2.py", ["--dtype", "fp16"], "needs a CUDA GPU"),
     ("train_gpt2.py", ["--device", "cuda"], "no such device here"),
     ("train_gpt2.py", ["--device", "tpu"], "use auto, cpu, cuda, cuda:N or mps"),
+    ("train_gpt2.py", ["--device", "cpu:"], "--device cpu:: use auto, cpu, cuda, cuda:N or mps"),
+    ("train_gpt2.py", ["--device", "cpu:00"], "--device cpu:00: use auto, cpu, cuda, cuda:N or mps"),
+    ("train_gpt2.py", ["--device", "cpu:\u00b2"], "use auto, cpu, cuda, cuda:N or mps"),  # isdigit() says yes
     ("train_gpt2.py", ["--max_steps", "-3"], "--max_steps must be positive"),
     ("train_gpt2.py", ["--n_head", "0"], "--n_head must be positive"),
     ("train_gpt2.py", ["--seq_len", "0"], "--seq_len must be positive"),

@@ -11,7 +11,8 @@ import time
 import pytest
 import torch
 
-from helpers import FAST, ROOT, ok, records, run_script, train, write_shards
+import train_gpt2
+from helpers import FAST, ROOT, ok, records, run_script, save_tiny_hf_gpt2, train, write_shards
 
 
 def test_tiny_model_learns_and_samples(tmp_path):
@@ -461,3 +462,33 @@ def test_a_log_dir_whose_name_is_not_utf8(tmp_path):
     ok(train(run, env={"PYTHONIOENCODING": "utf-8"}))
     r = ok(train(run, env={"PYTHONIOENCODING": "utf-8"}))
     assert "resuming from " + str(tmp_path) + "/run\\udce9/model_00001.pt" in r.stdout
+
+
+def test_this_runs_weight_decay_holds_after_a_resume(tmp_path):
+    """The optimizer's state carries its run's weight decay: a resumed run with another --weight_decay uses its own,
+    as it does its own LR flags."""
+    run = FAST + ["--eval_every", "0", "--log_dir", str(tmp_path)]
+    train_gpt2.main(run + ["--max_steps", "2"])
+    train_gpt2.main(run + ["--max_steps", "4", "--weight_decay", "0.5", "--resume", "auto"])
+    groups = torch.load(tmp_path / "model_00004.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.5, 0.0]
+
+
+def test_a_model_with_a_smaller_vocabulary_is_not_given_gpt2_tokens(tmp_path):
+    """HellaSwag and sampling feed the model GPT-2 tokens: an --init_from model with fewer (trained on its own
+    data) is refused them before training, not failed at its first evaluation."""
+    save_tiny_hf_gpt2(str(tmp_path / "hf"), vocab_size=1000)
+    write_shards(str(tmp_path / "data"), {"val": [500], "train": [400]})  # tokens 0-899
+    run = ["--init_from", str(tmp_path / "hf"), "--data", str(tmp_path / "data"), "--batch_size", "4", "--seq_len",
+           "32", "--total_batch_size", "128", "--max_steps", "1", "--eval_every", "0", "--hellaswag_every", "0"]
+    for flag in (["--sample_every", "1"], ["--sample_every", "0", "--hellaswag_every", "1"]):
+        with pytest.raises(train_gpt2.UserError, match="the model's vocabulary of 1000 tokens cannot take the GPT-2"):
+            train_gpt2.main(run + flag + ["--log_dir", str(tmp_path / "refused")])
+    train_gpt2.main(run + ["--sample_every", "0", "--log_dir", str(tmp_path / "trains")])  # without them, it trains
+
+
+def test_more_val_steps_than_the_val_data_holds_is_said(tmp_path, capsys):
+    val_windows = (len(train_gpt2.load_splits("input.txt", need_val=True)["val"][0]) - 1) // 32  # at T=32
+    train_gpt2.main(FAST + ["--max_steps", "1", "--eval_every", "1", "--val_steps", str(val_windows // 4 + 1),
+                            "--log_dir", str(tmp_path)])
+    assert f"which holds {val_windows:,}: some count twice in the val loss" in capsys.readouterr().out
