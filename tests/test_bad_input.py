@@ -181,7 +181,7 @@ CASES = [
     ("train_gpt2.py", ["--dist_timeout", "1e10"], "--dist_timeout must be 1 to 1e6 seconds"),
     ("train_gpt2.py", ["--resume", "{d}/step_str.pt"], "not a checkpoint of train_gpt2.py"),
     ("train_gpt2.py", ["--resume", "{d}/int_key.pt"], "not a checkpoint of train_gpt2.py"),
-    ("train_gpt2.py", ["--resume", "{d}/no_position.pt"], "does not fit its own config: 'epoch'"),
+    ("train_gpt2.py", ["--resume", "{d}/no_position.pt"], "the checkpoint's train position is not a loader state"),
     ("train_gpt2.py", ["--resume", "{d}/far_cursor.pt"], "position (epoch, shard, window) [0, 0, 1000000000] is not"),
     ("train_gpt2.py", ["--resume", "{d}/no_rng.pt"], "does not fit its own config: 'cpu'"),
     ("train_gpt2.py", ["--seed", "-1"], "--seed must be 0 or more"),
