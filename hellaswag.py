@@ -51,7 +51,8 @@ def check_example(ex, where):
         raise UserError(f"{where}: 'ctx' must be a non-empty string")
     if not isinstance(endings, list) or len(endings) != 4 or not all(isinstance(e, str) for e in endings):
         raise UserError(f"{where}: 'endings' must be a list of 4 strings")
-    if isinstance(label, str) and label.strip().isdecimal():  # not isdigit: int() refuses "²"
+    # a number as a string: isdecimal, not isdigit (int() refuses "²"), and short (int() refuses 4300+ digits)
+    if isinstance(label, str) and label.strip().isdecimal() and len(label) < 100:
         label = int(label)
     if isinstance(label, bool) or label not in (0, 1, 2, 3):
         raise UserError(f"{where}: 'label' must be 0, 1, 2 or 3 (got {label!r})")
@@ -95,7 +96,10 @@ def download(path):
     """Fetch the hub's parquet to `path` atomically: a temporary file beside it, checked, then renamed."""
     url = f"{os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')}/{HUB_FILE}"
     folder = os.path.dirname(path) or "."
-    made = not os.path.exists(folder)
+    made, parent = [], folder  # the folders this makes, innermost first: a failed download leaves none of them
+    while parent and not os.path.exists(parent):
+        made.append(parent)
+        parent = os.path.dirname(parent)
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:  # a UserError: under torchrun the other ranks are waiting for this one's outcome
@@ -122,12 +126,14 @@ def download(path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        if made and not os.listdir(folder):  # a failed download leaves nothing behind, not even the cache folder
-            os.rmdir(folder)
+        for new_folder in made:  # a failed download leaves nothing behind, not even the cache folder
+            if not os.path.isdir(new_folder) or os.listdir(new_folder):
+                break
+            os.rmdir(new_folder)
 
 
 def default_cache_dir():
-    return os.environ.get("HELLASWAG_CACHE", "hellaswag")
+    return os.environ.get("HELLASWAG_CACHE") or "hellaswag"  # set but empty: the default, not the current folder
 
 
 def load_examples(data=None, cache_dir=None, limit=None):
@@ -157,12 +163,12 @@ def load_examples(data=None, cache_dir=None, limit=None):
                             "(train_gpt2.py: --hellaswag_data)")
     try:
         examples = read_examples(data)[:limit]
+        if not examples:
+            raise UserError(f"{data} holds no HellaSwag examples")
     except UserError as e:
         if not cached:
             raise
         raise UserError(f"{e} (the cached hub copy: delete it to download it again)")
-    if not examples:
-        raise UserError(f"{data} holds no HellaSwag examples")
     return examples
 
 
@@ -225,7 +231,8 @@ def score_endings(model, examples, device, amp=contextlib.nullcontext(), batch_s
     """
     enc = gpt2_tokenizer()
     config = getattr(model, "config", None)  # ours has block_size, transformers' n_positions
-    limit = getattr(config, "block_size", None) or getattr(config, "n_positions", None) or 1 << 30
+    limit = next((n for n in (getattr(config, "block_size", None), getattr(config, "n_positions", None))
+                  if n is not None), 1 << 30)  # a context of 0 is one, and scores nothing
     rows = []  # (example, ending, tokens, mask)
     for i, ex in enumerate(examples):
         tokens, mask, _ = render_example(ex, enc)
@@ -258,7 +265,8 @@ def score_endings(model, examples, device, amp=contextlib.nullcontext(), batch_s
     # the finished bar stays, with its newline: with stderr and stdout in one file, the result is its own last line
     for batch in tqdm(batches, desc="hellaswag", disable=not progress):
         if not batch:  # a forward only to keep in step with the other ranks
-            forward_logits(model, torch.zeros(batch_rows or 4, PAD_TO, dtype=torch.long, device=device), amp)
+            forward_logits(model, torch.zeros(batch_rows or 4, min(PAD_TO, limit), dtype=torch.long, device=device),
+                           amp)
             continue
         longest = max(len(t) for _, _, t, _ in batch)
         T = min(padded_length(longest), limit) if batch_rows else longest

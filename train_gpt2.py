@@ -230,9 +230,13 @@ class GPT(nn.Module):
         if not c.tie_word_embeddings:  # our lm_head is the token embedding; another lm_head would be dropped
             raise UserError(f"'{name_or_dir}' has an lm_head of its own (tie_word_embeddings false): GPT-2 ties it "
                             "to the token embedding")
-        if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh") or c.n_inner not in (None, 4 * c.n_embd):
-            raise UserError(f"'{name_or_dir}' is not a GPT-2 architecture "
-                            f"(activation {c.activation_function}, n_inner {c.n_inner})")
+        # what our blocks compute, against the config fields that change it in transformers' GPT-2
+        ours = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "n_inner": (None, 4 * c.n_embd),
+                "layer_norm_epsilon": (1e-5,), "scale_attn_weights": (True,), "scale_attn_by_inverse_layer_idx": (False,)}
+        other = {k: getattr(c, k, ok[0]) for k, ok in ours.items() if getattr(c, k, ok[0]) not in ok}
+        if other:
+            raise UserError(f"'{name_or_dir}' is not a GPT-2 architecture ("
+                            + ", ".join(f"{k} {v}" for k, v in other.items()) + ")")
         config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size,
                            n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd)
         model = cls(config)

@@ -71,10 +71,10 @@ def write_parquet(path, examples):
     return str(path)
 
 
-def random_gpt(seed=0, n_layer=2, vocab_size=50304):
+def random_gpt(seed=0, n_layer=2, vocab_size=50304, block_size=128):
     """Our GPT with random weights, padded vocabulary as in training; biases/LayerNorms randomised too."""
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(block_size=128, vocab_size=vocab_size, n_layer=n_layer, n_head=2, n_embd=32))
+    model = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=2, n_embd=32))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias") or ".ln_" in name:
@@ -133,6 +133,7 @@ def test_jsonl_and_parquet_read_the_same(tmp_path):
     ('{"ctx": "a", "endings": ["1", "2", "3", "4"], "label": 4}', r"line 2: 'label' must be 0, 1, 2 or 3"),
     ('{"ctx": "a", "endings": ["1", "2", "3", "4"], "label": "x"}', r"line 2: 'label'"),
     ('{"ctx": "a", "endings": ["1", "2", "3", "4"], "label": "²"}', r"line 2: 'label' must be 0, 1, 2 or 3"),
+    ('{"ctx": "a", "endings": ["1", "2", "3", "4"], "label": "' + "1" * 5000 + '"}', r"line 2: 'label' must be 0, 1"),
     ("[" * 100_000, r"line 2 is not valid JSON"),  # nested too deep for the json module
     ('{"endings": ["1", "2", "3", "4"], "label": 1}', r"line 2: 'ctx' must be a non-empty string"),
     ('[1, 2]', r"line 2: expected an object"),
@@ -215,6 +216,32 @@ def test_a_broken_cached_copy_says_how_to_get_a_new_one(tmp_path):
     (tmp_path / "cache" / hellaswag.CACHE_NAME).write_bytes(b"PAR1 cut short")
     with pytest.raises(UserError, match="the cached hub copy: delete it to download it again"):
         hellaswag.load_examples(cache_dir=str(tmp_path / "cache"))
+
+
+def test_a_model_without_context_scores_nothing_in_one_line():
+    with pytest.raises(UserError, match="more than the model's context of 0 can score"):
+        hellaswag.evaluate(random_gpt(block_size=0), EXAMPLES[:2], "cpu")
+
+
+def test_an_empty_cached_copy_says_how_to_get_a_new_one(tmp_path):
+    (tmp_path / "cache").mkdir()
+    pq.write_table(parquet_table([]), tmp_path / "cache" / hellaswag.CACHE_NAME)
+    with pytest.raises(UserError, match="holds no HellaSwag examples \\(the cached hub copy: delete it"):
+        hellaswag.load_examples(cache_dir=str(tmp_path / "cache"))
+
+
+def test_the_cache_folder_by_default_and_when_a_failed_download_made_several(tmp_path, monkeypatch):
+    monkeypatch.setenv("HELLASWAG_CACHE", "")  # set but empty: not the current folder
+    assert hellaswag.default_cache_dir() == "hellaswag"
+    (tmp_path / "there").mkdir()
+
+    def refused(url, timeout=None):
+        raise urllib.error.URLError("connection refused")
+
+    monkeypatch.setattr(hellaswag.urllib.request, "urlopen", refused)
+    with pytest.raises(UserError, match="connection refused"):
+        hellaswag.load_examples(cache_dir=str(tmp_path / "there" / "a" / "b"))
+    assert os.listdir(tmp_path / "there") == []  # a and b both go; the folder that was there stays
 
 
 def test_a_jsonl_file_with_a_byte_order_mark_reads(tmp_path):
@@ -405,6 +432,10 @@ def test_compiled_model_does_not_recompile_per_batch(dynamic):
 # -----------------------------------------------------------------------------
 # DDP: 2 gloo ranks, examples sharded, counts summed; local rank 0 downloads while rank 1 waits
 
+# 9 examples that fit a context of 16 tokens: 5 for rank 0, 4 for rank 1
+SHORT = [{"ctx": "the man runs into the water", "endings": ["and swims", "then", "a dog", "she jumps"], "label": i % 4}
+         for i in range(9)]
+
 WORKER = """
 import io, json, os, sys, time, urllib.request
 import torch, torch.distributed as dist
@@ -423,8 +454,11 @@ def fake_urlopen(url, timeout=None):
 urllib.request.urlopen = fake_urlopen
 examples = hellaswag.load_examples(cache_dir=cache)
 res = hellaswag.evaluate(random_gpt(), examples, "cpu", rank=rank, world_size=dist.get_world_size(), batch_size=2)
+# a context shorter than the padding: rank 1 has fewer batches, and keeps in step with forwards that must fit it
+res_short = hellaswag.evaluate(random_gpt(block_size=16), {short!r}, "cpu", rank=rank, world_size=dist.get_world_size(),
+                               batch_size=2)
 with open(os.path.join(out, f"rank{{rank}}.json"), "w") as f:  # closed before os._exit below
-    json.dump(res, f)
+    json.dump([res, res_short], f)
 dist.barrier()
 dist.destroy_process_group()
 # leave as the scripts do (os._exit, skipping the teardown where a gloo thread can abort the process; it failed
@@ -436,7 +470,7 @@ exit_with(None, 0)
 
 def test_ddp_two_ranks_match_one(tmp_path):
     script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(root=ROOT))
+    script.write_text(WORKER.format(root=ROOT, short=SHORT))
     parquet = write_parquet(tmp_path / "source.parquet", EXAMPLES)
     cache = tmp_path / "cache"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
@@ -446,7 +480,8 @@ def test_ddp_two_ranks_match_one(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert os.path.exists(tmp_path / "download_rank0") and not os.path.exists(tmp_path / "download_rank1")
     assert os.listdir(cache) == ["hellaswag_val.parquet"]
-    one = hellaswag.evaluate(random_gpt(), EXAMPLES, "cpu", batch_size=2)
+    one = [hellaswag.evaluate(random_gpt(), EXAMPLES, "cpu", batch_size=2),
+           hellaswag.evaluate(random_gpt(block_size=16), SHORT, "cpu", batch_size=2)]
     for rank in (0, 1):
         with open(tmp_path / f"rank{rank}.json") as f:
             assert json.load(f) == one  # n, acc, acc_norm and the counts: totals over both ranks

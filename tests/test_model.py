@@ -71,6 +71,12 @@ def test_from_pretrained_refuses_other_layouts(tmp_path):
     save_tiny_hf_gpt2(str(tmp_path / "relu"), activation_function="relu")
     with pytest.raises(UserError, match="not a GPT-2 architecture"):
         GPT.from_pretrained(str(tmp_path / "relu"))
+    # config fields that change what transformers computes, which our blocks do not follow
+    for field, value in [("layer_norm_epsilon", 1.0), ("scale_attn_weights", False),
+                         ("scale_attn_by_inverse_layer_idx", True)]:
+        save_tiny_hf_gpt2(str(tmp_path / field), **{field: value})
+        with pytest.raises(UserError, match=f"not a GPT-2 architecture \\({field} {value}\\)"):
+            GPT.from_pretrained(str(tmp_path / field))
     with pytest.raises(UserError, match="unknown model 'gpt5'"):
         GPT.from_pretrained("gpt5")
     (tmp_path / "empty").mkdir()
