@@ -21,6 +21,7 @@ whole: it renames each new shard over the one of that name, and removes those be
 """
 import argparse
 import ctypes
+import fcntl
 import glob
 import gzip
 import io
@@ -128,8 +129,10 @@ def describe_source(args):
     if not args.local_files:
         return {"dataset": DATASETS[args.dataset][0], "config": args.remote_name}
     files = []
+    manifest = os.path.realpath(os.path.join(args.out_dir, MANIFEST))  # a glob over the folder would take it in
     for pattern in args.local_files:
         matches = [pattern] if os.path.isfile(pattern) else sorted(glob.glob(pattern))  # a file named a[1].json
+        matches = [f for f in matches if os.path.realpath(f) != manifest]
         if not matches:
             fail(f"no file matches {pattern}")
         files += matches
@@ -152,7 +155,9 @@ def describe_source(args):
     files = [f for f in files if f not in empty]
     if not files:
         fail("the source holds no documents")
-    return {"format": kind, "files": [os.path.abspath(f) for f in files], "sizes": [os.path.getsize(f) for f in files]}
+    # size and modification time tell a file changed since its shards were made (a rerun would mix the two)
+    return {"format": kind, "files": [os.path.abspath(f) for f in files], "sizes": [os.path.getsize(f) for f in files],
+            "mtimes": [os.stat(f).st_mtime_ns for f in files]}
 
 
 def holds_no_rows(path, kind):
@@ -173,6 +178,9 @@ def holds_no_rows(path, kind):
     except Exception:
         return False
     schema, rows = footer.schema_arrow, footer.metadata.num_rows
+    if rows and any(footer.metadata.row_group(i).num_rows == 0 for i in range(footer.num_row_groups)):
+        fail(f"{path} has a row group of 0 rows, which datasets cannot stream: rewrite it without "
+             "(pyarrow: pq.write_table(pq.read_table(f), f))")
     if rows:
         text = schema.field("text").type if "text" in schema.names else None
         text = getattr(text, "value_type", text)  # dictionary-encoded (pandas or polars categories): its values
@@ -185,7 +193,7 @@ def check_text_column(where, columns, dtype):
     texts only, empty documents like any missing text."""
     if "text" not in columns:
         fail(f"{where} has no 'text' column (columns: {', '.join(columns)})")
-    if dtype not in ("string", "large_string", "null"):
+    if dtype not in ("string", "large_string", "string_view", "null"):
         fail(f"{where}: column 'text' holds {dtype}, not strings")
 
 
@@ -347,10 +355,29 @@ def check_json_texts(path):
                 continue
             try:
                 text = json.loads(line).get("text")
-            except (ValueError, AttributeError):  # not one object per line: datasets reads it whole, or refuses it
-                return
+            except (ValueError, AttributeError):  # not one object per line: one JSON document, which datasets
+                return check_json_document(path)  # reads whole
             if text is not None and not isinstance(text, str):
                 raise ValueError(f"line {number}: 'text' holds {type(text).__name__}, not a string")
+
+
+def check_json_document(path):
+    """Worker: the same for a json file that is one array of objects (datasets takes it that way); a text that is
+    not valid Unicode (a lone surrogate) too, which datasets would change silently."""
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        try:
+            rows = json.load(f)
+        except ValueError:
+            return  # not JSON: datasets' own error says so
+    for number, row in enumerate(rows if isinstance(rows, list) else [], 1):
+        text = row.get("text") if isinstance(row, dict) else None
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"object {number}: 'text' holds {type(text).__name__}, not a string")
+        if text is not None and not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"object {number}: 'text' is not valid Unicode (a lone surrogate)")
 
 
 def encode_task(f, runs, index, json_path=None):
@@ -462,6 +489,34 @@ def check_shard(out_dir, entry, index, prefix, shard_size):
     return None
 
 
+OUT_DIR_LOCK = {"fd": None}
+
+
+def unlock_out_dir():
+    if OUT_DIR_LOCK["fd"] is not None:
+        os.close(OUT_DIR_LOCK["fd"])
+        OUT_DIR_LOCK["fd"] = None
+
+
+os.register_at_fork(after_in_child=unlock_out_dir)  # a forked worker must not keep the run's lock after it
+
+
+def lock_out_dir(out_dir, exclusive):
+    """One run at a time writes to a folder (a second would delete the first's temporaries), and --verify waits
+    for none: it refuses while a run writes. Held until main() returns. No locks on the file system: no guard."""
+    unlock_out_dir()
+    fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        fail(f"another run is writing to {out_dir}: " + ("wait for it to end, or use another --out_dir" if exclusive
+                                                          else "verify it when that run has ended"))
+    except OSError:
+        pass
+    OUT_DIR_LOCK["fd"] = fd
+
+
 def our_files(out_dir, prefix):
     """Shard files (and leftover temporaries) in out_dir with this prefix, as {name: index}."""
     pattern = re.compile(rf"{re.escape(prefix)}_(?:val|train)_(\d{{6}})\.npy(?:\.tmp)?")
@@ -485,6 +540,11 @@ def prepare(out_dir, prefix, source, args):
     for name in ours:  # before anything is read or removed
         if os.path.isdir(os.path.join(out_dir, name)):
             fail(f"{os.path.join(out_dir, name)} is a folder, not a shard: move it out of {out_dir}")
+    lock_out_dir(out_dir, exclusive=True)
+    foreign = sorted(n for n in os.listdir(out_dir) if n not in ours and re.fullmatch(r".*_(train|val)_.*\.npy", n))
+    if foreign:  # train_gpt2.py reads every *_train_*/*_val_* shard of a folder
+        fail(f"{os.path.join(out_dir, foreign[0])} is a shard of another prefix, which train_gpt2.py would read with "
+             f"these: move it out of {out_dir}, or use another --out_dir")
     old = load_manifest(out_dir) if os.path.exists(os.path.join(out_dir, MANIFEST)) else None
     if old is None and any(not n.endswith(".tmp") for n in ours):
         fail(f"{out_dir} holds shards but no {MANIFEST} (written by another tool?); use a fresh --out_dir")
@@ -501,6 +561,12 @@ def prepare(out_dir, prefix, source, args):
         manifest = {"source": source, "prefix": prefix, "shard_size": args.shard_size,
                     "tokenizer": "gpt2", "eot": EOT, "shards": []}
     else:
+        was = old.get("source") or {}
+        if "files" in source and was.get("files") == source["files"] and was != source:
+            stamps = [list(zip(s.get("sizes", []), s.get("mtimes", []))) for s in (was, source)]
+            changed = [f for f, a, b in zip(source["files"], *stamps) if a != b] or source["files"]
+            fail(f"{changed[0]} changed since the shards in {out_dir} were made from it (its size or modification "
+                 "time): use a fresh --out_dir")
         if [old.get(k) for k in ("source", "prefix", "shard_size")] != [source, prefix, args.shard_size]:
             fail(f"{out_dir} holds shards of another source, prefix or shard size; use a fresh --out_dir")
         kept = []
@@ -736,6 +802,8 @@ def tokenize(args, ds, manifest):
 
 def verify(out_dir):
     """--verify: check every shard against the manifest and the manifest against itself."""
+    if os.path.isdir(out_dir):
+        lock_out_dir(out_dir, exclusive=False)
     manifest = load_manifest(out_dir)
     shards, size, prefix = manifest["shards"], manifest["shard_size"], manifest["prefix"]
     problems, end = [], None
@@ -776,6 +844,13 @@ def interrupt(signum, frame):
 
 
 def main(argv=None):
+    try:
+        return run(argv)
+    finally:
+        unlock_out_dir()
+
+
+def run(argv=None):
     args = parse_args(argv)
     if args.verify:
         return verify(args.out_dir)

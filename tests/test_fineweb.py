@@ -569,13 +569,20 @@ def test_a_refused_extension_keeps_the_finished_folder(tmp_path, monkeypatch, ca
     assert [e["tokens"] for e in before[1]["shards"]] == [2000, 2000, 1000]
     end_doc, carry = before[1]["shards"][1]["end"]
     assert carry > 1  # the extension resumes inside a document whose first tokens are in shard 1: a change shows
-    # the same size, other text: the file passes the source check, its tokens differ
+    # the same size, other text: its modification time tells
+    stamp = os.stat(source)
     source.write_text(source.read_text().replace("document", "Document"))
+    with pytest.raises(SystemExit, match=f"{source} changed since the shards in {out} were made from it"):
+        fineweb.main(args)
+    assert folder_bytes(out) == before
+    # and with the time put back, the tokens where the extension goes on tell
+    os.utime(source, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
     with pytest.raises(SystemExit, match=f"document {end_doc} no longer matches the end of edufineweb_train_000001"):
         fineweb.main(args)
     assert folder_bytes(out) == before
     # the source as it was, and a disk that fills up in the first new shard
     source.write_text(source.read_text().replace("Document", "document"))
+    os.utime(source, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
     monkeypatch.setattr(fineweb, "open", lambda path, mode="r", *a, **k: FullDisk(path, 1000)
                         if path.endswith("train_000002.npy.tmp") else open(path, mode, *a, **k), raising=False)
     with pytest.raises(SystemExit, match="edufineweb_train_000002.npy: No space left on device"):
@@ -774,6 +781,67 @@ def test_a_hub_that_fails(tmp_path, local_hub, dataset, name, hub):
     else:
         assert f"/datasets/{name}/resolve/main/README.md" in paths, paths
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_json_array_file_is_checked_as_a_jsonl_file_is(tmp_path):
+    """datasets reads a file that is one JSON array whole, and wrote texts of mixed types each as its JSON text
+    (quotes and all), and changed a lone surrogate, exit 0; the rows are checked as a jsonl file's lines are."""
+    for name, rows, message in [("mixed", [{"text": "a"}, {"text": 5}, {"text": "b"}], "object 2: 'text' holds int"),
+                                ("nested", [{"text": {"a": 1}}, {"text": "b"}], "object 1: 'text' holds dict"),
+                                ("surrogate", [{"text": "a \ud800 b"}], "object 1: 'text' is not valid Unicode")]:
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(rows))
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            fineweb.main(["--local_files", str(path), "--out_dir", str(tmp_path / name), "--workers", "1"])
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps([{"text": "a"}, {"text": None}, {"text": "b ünï"}]))
+    assert fineweb.main(["--local_files", str(good), "--out_dir", str(tmp_path / "good"), "--workers", "1"]) == 0
+    np.testing.assert_array_equal(all_tokens(tmp_path / "good"), reference_tokens(["a", None, "b ünï"]))
+
+
+def test_parquet_row_groups_of_no_rows_and_string_view_texts(tmp_path):
+    docs = [f"document {i}" for i in range(30)]
+    with pq.ParquetWriter(tmp_path / "gaps.parquet", pa.schema([("text", pa.string())])) as writer:
+        for piece in (docs[:10], [], docs[10:]):  # what writing an empty table makes
+            writer.write_table(pa.table({"text": pa.array(piece, pa.string())}))
+    with pytest.raises(SystemExit, match="gaps.parquet has a row group of 0 rows, which datasets cannot stream"):
+        fineweb.main(["--local_files", str(tmp_path / "gaps.parquet"), "--out_dir", str(tmp_path / "a")])
+    assert not os.path.exists(tmp_path / "a")  # refused before anything is written
+    pq.write_table(pa.table({"text": pa.array(docs, pa.string_view())}), tmp_path / "view.parquet")
+    assert fineweb.main(["--local_files", str(tmp_path / "view.parquet"), "--out_dir", str(tmp_path / "b"),
+                         "--shard_size", "50", "--workers", "1"]) == 0
+    np.testing.assert_array_equal(all_tokens(tmp_path / "b"), reference_tokens(docs))
+
+
+def test_the_output_folder_in_the_sources_glob_and_other_shards_in_it(tmp_path, capsys):
+    (tmp_path / "docs.json").write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(50)))
+    args = ["--local_files", str(tmp_path / "*.json"), "--out_dir", str(tmp_path), "--shard_size", "50",
+            "--workers", "1"]
+    assert fineweb.main(args) == 0
+    assert fineweb.main(args) == 0  # its manifest.json is no source of the rerun
+    assert "already complete" in capsys.readouterr().out
+    np.save(tmp_path / "mine_train_000001.npy", np.arange(10, dtype=np.uint16))  # train_gpt2.py would read it too
+    with pytest.raises(SystemExit, match="mine_train_000001.npy is a shard of another prefix, which train_gpt2.py"):
+        fineweb.main(args)
+
+
+def test_one_run_at_a_time_and_no_verify_while_it_writes(corpus, reference_run, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(reference_run, out)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               f"fd = os.open({str(out)!r}, os.O_RDONLY)\nfcntl.flock(fd, fcntl.LOCK_EX)\n"
+                               "print('locked', flush=True)\ntime.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"  # a run writing to the folder holds this lock
+        with pytest.raises(SystemExit, match=f"another run is writing to {out}: verify it when that run has ended"):
+            fineweb.main(["--verify", "--out_dir", str(out)])
+        with pytest.raises(SystemExit, match=f"another run is writing to {out}: wait for it to end"):
+            run(corpus, out)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert folder_bytes(out) == folder_bytes(reference_run)
+    assert fineweb.main(["--verify", "--out_dir", str(out)]) == 0
 
 
 def test_a_json_text_that_turns_into_a_number(tmp_path):
