@@ -218,14 +218,14 @@ class GPT(nn.Module):
         except Exception as e:  # no network, a broken folder, not a GPT-2 checkpoint, ...
             raise UserError(f"cannot load '{name_or_dir}' with transformers: {first_line(e)}")
         # transformers fills the weights a folder lacks with random ones (another architecture's folder: all of
-        # them), and says so only in a warning
-        if info["mismatched_keys"]:  # (key, shape in the folder, shape its config gives)
-            key, found, wanted = sorted(info["mismatched_keys"])[0]
-            raise UserError(f"'{name_or_dir}': {key} has shape {tuple(found)}, its config gives {tuple(wanted)}")
+        # them), and (ignore_mismatched_sizes) those of another shape, and says so only in a warning
         absent = sorted(k for k in info["missing_keys"] if not k.endswith(".attn.bias"))
         if absent:
             raise UserError(f"'{name_or_dir}' is not a GPT-2 checkpoint: it lacks {len(absent)} of GPT-2's weights, "
                             f"such as {absent[0]}")
+        if info["mismatched_keys"]:  # (key, shape in the folder, shape its config gives)
+            key, found, wanted = sorted(info["mismatched_keys"])[0]
+            raise UserError(f"'{name_or_dir}': {key} has shape {tuple(found)}, its config gives {tuple(wanted)}")
         c = hf.config
         if not c.tie_word_embeddings:  # our lm_head is the token embedding; another lm_head would be dropped
             raise UserError(f"'{name_or_dir}' has an lm_head of its own (tie_word_embeddings false): GPT-2 ties it "
