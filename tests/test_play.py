@@ -151,6 +151,7 @@ def test_play_log_with_nonfinite_records(play_env):
     """Part 2 on a run whose steps 3 and 5 were skipped as non-finite and whose first val loss was NaN."""
     lines = [f"{s} train {'nan' if s in (3, 5) else 10 - s / 10}" for s in range(10)]
     lines[0:0] = ["0 val nan", "0 hella 0.25"]
+    lines.insert(7, "4 hella 0.26")  # after step 4's train record; step 9 ties it
     lines += ["9 val 9.5", "9 hella 0.26"]
     (play_env / "log" / "log.txt").write_text("\n".join(lines) + "\n")
     nb = nbformat.read(NOTEBOOK, as_version=4)
@@ -159,6 +160,7 @@ def test_play_log_with_nonfinite_records(play_env):
 
     printed = execute(nb, play_env)
 
-    assert "10 train, 2 val, 2 hella records" in printed
+    assert "10 train, 2 val, 3 hella records" in printed
     assert "best val loss: 9.5000 at step 9; latest 9.5000 at step 9" in printed
+    assert "best HellaSwag acc_norm: 0.2600 at step 4; latest 0.2600 at step 9" in printed  # the first to reach it
     assert_png(play_env / "log" / "play.png")

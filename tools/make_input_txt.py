@@ -13,6 +13,7 @@ import argparse
 import re
 import sys
 import tarfile
+import zlib
 
 # whole plays, modern spelling, in this order, until about 1 MB
 PLAYS = ["hamlet", "macbeth", "romeo_and_juliet", "lear", "othello", "julius_caesar",
@@ -33,10 +34,11 @@ def strip_gutenberg(text):
 def main(archive, out="input.txt"):
     with tarfile.open(archive) as tar:
         members = {m.name.rsplit("/", 1)[-1]: m for m in tar.getmembers()}
-        missing = [f"{p}_gut.txt" for p in PLAYS if f"{p}_gut.txt" not in members]
+        names = [f"{p}_gut.txt" for p in PLAYS]
+        missing = [n for n in names if n not in members or not members[n].isfile()]  # a folder of the name: none
         if missing:
             sys.exit(f"error: cannot make input.txt from {archive}: it has no {', '.join(missing)}")
-        texts = [strip_gutenberg(tar.extractfile(members[f"{p}_gut.txt"]).read().decode("latin-1")) for p in PLAYS]
+        texts = [strip_gutenberg(tar.extractfile(members[n]).read().decode("latin-1")) for n in names]
     body = "\n\n".join(texts).replace("\r\n", "\n")
     with open(out, "w", encoding="utf-8") as f:
         f.write(body)
@@ -50,6 +52,6 @@ if __name__ == "__main__":
     archive = p.parse_args().archive
     try:
         main(archive)
-    except (OSError, tarfile.TarError) as e:
+    except (OSError, EOFError, zlib.error, tarfile.TarError) as e:  # EOFError, zlib.error: a cut or damaged .gz
         why = (str(e).strip().splitlines() or [type(e).__name__])[0]
         sys.exit(f"error: cannot make input.txt from {archive}: {why}")

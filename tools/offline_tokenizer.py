@@ -43,9 +43,12 @@ def seed_cache(cache_dir):
 
 
 def tiktoken_cache_dir():
-    """Where tiktoken looks for its files, in its own order."""
-    default = os.path.join(tempfile.gettempdir(), "data-gym-cache")
-    return os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or default
+    """Where tiktoken looks for its files, by its own rule: the first of the two variables that is set, even if
+    empty (which turns its cache off: None here), else its default."""
+    for name in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
+        if name in os.environ:
+            return os.environ[name] or None
+    return os.path.join(tempfile.gettempdir(), "data-gym-cache")
 
 
 if __name__ == "__main__":
@@ -53,6 +56,9 @@ if __name__ == "__main__":
     p.error = lambda message: sys.exit(f"error: {message} (see --help)")
     p.parse_args()  # no arguments: --help, or an error
     cache = tiktoken_cache_dir()
+    if cache is None:
+        sys.exit("error: an empty TIKTOKEN_CACHE_DIR (or DATA_GYM_CACHE_DIR, if that one is the first set) turns "
+                 "tiktoken's cache off: set it to a folder, or unset it")
     try:
         seed_cache(cache)
     except ImportError:
@@ -60,6 +66,6 @@ if __name__ == "__main__":
     except OSError as e:
         sys.exit(f"error: cannot write to {cache}: {e.strerror or e}")
     print(f"seeded {cache}")
-    if not os.environ.get("TIKTOKEN_CACHE_DIR") and not os.environ.get("DATA_GYM_CACHE_DIR"):
+    if not any(name in os.environ for name in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR")):
         print("note: that is tiktoken's default, in the temporary folder, which a reboot may empty; to keep the files, "
               "export TIKTOKEN_CACHE_DIR=~/.cache/tiktoken in your shell profile and run this again")
