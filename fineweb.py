@@ -581,8 +581,11 @@ def prepare(out_dir, prefix, source, args):
             args.max_tokens == old.get("max_tokens") or
             (old.get("stopped") == "end of data" and (args.max_tokens or total) >= total))
         if not done:
-            if args.max_tokens and total > args.max_tokens:  # shards are never cut shorter
-                fail(f"{out_dir} already holds {total:,} tokens, more than --max_tokens {args.max_tokens}; "
+            # shards are never cut shorter: counted from the manifest, so a damaged shard does not make the good
+            # ones after it go (its rewrite goes back to where the folder ended)
+            listed = max(total, sum(e["tokens"] for e in old["shards"]))
+            if args.max_tokens and listed > args.max_tokens:
+                fail(f"{out_dir} already holds {listed:,} tokens, more than --max_tokens {args.max_tokens}; "
                      "use a fresh --out_dir")
             if kept and kept[-1]["tokens"] < args.shard_size:
                 kept.pop()  # the remainder shard of a shorter run: it grows now

@@ -243,6 +243,16 @@ def test_max_tokens_then_extend(corpus, reference_run, tmp_path, capsys):
             run(corpus, tmp_path, "--max_tokens", fewer)
         assert f"already holds 25,000 tokens, more than --max_tokens {fewer}" in str(e.value.code)
         assert {f: os.stat(f).st_mtime_ns for f in shard_files(tmp_path)} == stamps
+    # and where a shard is damaged too: its rewrite would have ended at --max_tokens, and removed the good
+    # shards after it
+    damaged = shard_files(tmp_path)[1]
+    arr = np.load(damaged)
+    arr[7] = (int(arr[7]) + 1) % 50000
+    np.save(damaged, arr)
+    before = folder_bytes(tmp_path)
+    with pytest.raises(SystemExit, match="already holds 25,000 tokens, more than --max_tokens 12000"):
+        run(corpus, tmp_path, "--max_tokens", "12000")
+    assert folder_bytes(tmp_path) == before
     # no limit: the remainder shard grows into the full run
     assert run(corpus, tmp_path) == 0
     assert folder_bytes(tmp_path) == folder_bytes(reference_run)
@@ -495,10 +505,9 @@ class Crash(BaseException):
 
 
 def test_a_crash_at_any_step_of_a_rewrite(corpus, reference_run, tmp_path, monkeypatch):
-    """A rerun that finds a damaged shard near the end and stops sooner (--max_tokens) writes the manifest,
-    renames its new shards over the old ones and removes the old ones beyond its end. Crashed before each of
-    those steps in turn, it leaves a folder that a rerun completes to what an uninterrupted rerun writes; and no
-    shard goes before all the new ones are there."""
+    """A rerun that finds a damaged shard near the end writes the manifest and renames each new shard over the old
+    one. Crashed before each of those steps in turn, it leaves a folder that a rerun completes to what an
+    uninterrupted rerun writes; and no shard goes before its new one is there."""
     n = len(shard_files(reference_run))
     damaged = tmp_path / "damaged"
     shutil.copytree(reference_run, damaged)
@@ -506,7 +515,7 @@ def test_a_crash_at_any_step_of_a_rewrite(corpus, reference_run, tmp_path, monke
     arr = np.load(victim)
     arr[5] = (int(arr[5]) + 1) % 50000
     np.save(victim, arr)
-    extra = ["--max_tokens", str((n - 3) * SHARD + 5000), "--workers", "1"]  # n-4 full, n-3 the remainder
+    extra = ["--workers", "1"]
     names = [fineweb.shard_name("edufineweb", i) for i in range(n)]
     steps, crash_at = [], [None]
     replace, remove, save_manifest = os.replace, os.remove, fineweb.save_manifest
@@ -535,10 +544,9 @@ def test_a_crash_at_any_step_of_a_rewrite(corpus, reference_run, tmp_path, monke
     shutil.copytree(damaged, clean)
     assert run(corpus, clean, *extra) == 0
     want, plan = folder_bytes(clean), list(steps)
-    assert plan == [("save", "manifest.json"), ("replace", names[n - 4]), ("save", "manifest.json"),
-                    ("replace", names[n - 3]), ("save", "manifest.json"), ("remove", names[n - 2]),
-                    ("remove", names[n - 1]), ("save", "manifest.json")]
-    np.testing.assert_array_equal(all_tokens(clean), corpus["tokens"][:(n - 3) * SHARD + 5000])
+    rewrite = [entry for i in range(n - 4, n) for entry in (("save", "manifest.json"), ("replace", names[i]))]
+    assert plan == rewrite + [("save", "manifest.json")] * 2  # the remainder shard's entry, then complete
+    np.testing.assert_array_equal(all_tokens(clean), corpus["tokens"])
     for k in range(len(plan)):
         out = tmp_path / f"crash_{k}"
         shutil.copytree(damaged, out)
@@ -549,8 +557,7 @@ def test_a_crash_at_any_step_of_a_rewrite(corpus, reference_run, tmp_path, monke
         crash_at[0] = None
         if k > 0:  # from the first manifest on, --verify sees a run to resume, not a damaged folder
             assert fineweb.main(["--verify", "--out_dir", str(out)]) == 0, k
-        if k <= plan.index(("remove", names[n - 2])):  # until then, every shard is on disk
-            assert all(os.path.exists(out / name) for name in names)
+        assert all(os.path.exists(out / name) for name in names)  # a shard goes only when its new one is whole
         assert run(corpus, out, *extra) == 0, k
         assert folder_bytes(out) == want, k
 
