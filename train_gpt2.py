@@ -730,6 +730,10 @@ def load_checkpoint(path):
     if not isinstance(ckpt, dict) or not needs <= set(ckpt) or not isinstance(ckpt.get("model", {}), dict) \
             or not all(isinstance(k, str) for k in ckpt.get("model", {})) or not is_count(ckpt["step"]):
         raise UserError(f"{path} is not a checkpoint of train_gpt2.py (needs {', '.join(sorted(needs))})")
+    named = CHECKPOINT_NAME.search(os.path.basename(os.path.normpath(path)))
+    if named and int(named[1]) != ckpt["step"]:  # renamed: --resume and --keep_checkpoints go by the name's step
+        raise UserError(f"checkpoint {path} holds step {ckpt['step']}, not the step its name gives: name it "
+                        f"model_{ckpt['step']:05d}.{named[2]}")
     if sharded and not os.path.isfile(os.path.join(path, ".metadata")):
         raise UserError(f"checkpoint {path} is incomplete (no .metadata)")
     if sharded:  # every shard file must hold the bytes .metadata points into, so --resume auto passes over a cut one
@@ -988,7 +992,10 @@ def read_log(log_path):
     if not os.path.exists(log_path):
         return []
     with open(log_path, errors="surrogateescape") as f:
-        return f.read().split("\n")[:-1]  # the piece after the last newline is empty or a half-written line
+        lines = f.read().split("\n")
+    # the piece after the last newline is empty, or a record cut short by a crash (after the last checkpoint, so
+    # trim_log would drop it), or a whole record that lost its newline (an edit): that one is kept
+    return lines if log_record(lines[-1]) else lines[:-1]
 
 
 def log_record(line):
@@ -1049,8 +1056,8 @@ def resume_or_start(args, model, optimizer, scaler, train_loader, T, device_type
         error = f"cannot tidy --log_dir {args.log_dir}: {e}"
     gather_outcomes(error)
     if ckpt_path:
-        say(f"resuming from {ckpt_path} at step {start_step}" +
-            (": the run is complete, nothing left to train" if start_step == args.max_steps else ""))
+        done = "the run is complete, nothing left to train" if evals_done else "only its final evaluations are left"
+        say(f"resuming from {ckpt_path} at step {start_step}" + (f": {done}" if start_step == args.max_steps else ""))
     return start_step, evals_done, ckpt_path is not None
 
 
@@ -1105,11 +1112,14 @@ def plan_start(args, model, optimizer, scaler, train_loader, T, device_type, say
     # followed (by their digest); or it starts a branch, if the log holds none of them and the folder no checkpoint
     # up to its step. Else this folder holds another run. (Checkpoints from before the digest: by the steps alone.)
     found = list_checkpoints(args.log_dir)
-    outside = os.path.realpath(os.path.dirname(os.path.normpath(ckpt_path))) != os.path.realpath(args.log_dir)
+    outside = os.path.dirname(os.path.realpath(ckpt_path)) != os.path.realpath(args.log_dir)
     followed = log_digest(log_path, start_step, evals_done)
     own_earlier = any(s <= start_step for s, _ in found)
     if "log_digest" in ckpt:
         same_run = followed == ckpt["log_digest"] or (followed == NO_RECORDS and not own_earlier)
+        if not outside and followed != ckpt["log_digest"]:  # its own folder's log: edited, or records lost
+            say(f"warning: {log_path} is not the log the checkpoint's run wrote up to step {start_step} (records "
+                "were edited or lost): the resumed log will differ from that run's")
     else:
         first, last, _ = span or (start_step, start_step, None)
         same_run = first <= start_step <= last and not own_earlier
@@ -1117,7 +1127,8 @@ def plan_start(args, model, optimizer, scaler, train_loader, T, device_type, say
     if foreign and not args.overwrite:
         raise UserError(f"{args.log_dir}/ holds another run: to go on from {ckpt_path} there, replace it with "
                         "--overwrite, or choose another --log_dir")
-    later = [path for s, path in found if foreign or s > start_step] if args.resume != "auto" else []
+    later = [path for s, path in found if (foreign or s > start_step) and not os.path.samefile(path, ckpt_path)] \
+        if args.resume != "auto" else []
     if later and not args.overwrite:  # a later --resume auto would take them for this run's
         raise UserError(f"{args.log_dir}/ holds checkpoints after step {start_step} "
                         f"({', '.join(os.path.basename(p) for p in later)}): to go on from {ckpt_path} "
@@ -1190,7 +1201,8 @@ def parse_args(argv=None):
     a("--checkpoint_every", type=int, default=5000, help="checkpoint every N steps and at the end (0: end only)")
     a("--log_dir", default="log", help="log.txt and model_<step>.pt go here")
     a("--resume", default="none", help="'none', 'auto' (newest valid checkpoint in --log_dir) or a checkpoint path")
-    a("--keep_checkpoints", type=int, default=0, help="keep only the newest K checkpoints (0: keep all)")
+    a("--keep_checkpoints", type=int, default=0,
+      help="after writing a checkpoint, delete all but it and the K-1 before it (0: keep all)")
     a("--skip_nonfinite", action="store_true", help="skip an update whose loss or grad norm is inf/NaN (default: stop)")
     a("--dist_timeout", type=float, default=600, help="seconds a rank waits for the others before the job fails")
     a("--overwrite", action="store_true",
@@ -1567,6 +1579,9 @@ def main(argv=None):
                     print(f"rank {rank} sample {i}: {enc.decode(row)}")
         path = os.path.join(args.log_dir, f"model_{step:05d}." + ("dcp" if args.fsdp else "pt"))
         if step > 0 and not first and (stop or last_step or due(args.checkpoint_every)):
+            if master:  # the records a checkpoint follows reach the disk before it
+                with open(log_path, "a") as f:
+                    os.fsync(f.fileno())
             rng = {"cpu": torch.get_rng_state()}
             if device_type == "cuda":
                 rng["cuda"] = torch.cuda.get_rng_state()

@@ -161,6 +161,82 @@ def test_lines_of_a_log_that_are_no_records_are_kept(tmp_path, uninterrupted):
     assert (log_dir / "log.txt").read_bytes() == open(os.path.join(uninterrupted, "log.txt"), "rb").read() + odd
 
 
+
+def test_a_log_whose_last_record_lost_its_newline_keeps_it(tmp_path, uninterrupted):
+    """A record after the newest checkpoint may be cut short by a crash and is dropped; one before it was whole
+    when the checkpoint was written, so a missing newline (an edit) costs no record."""
+    log_dir = tmp_path / "log"
+    shutil.copytree(uninterrupted, log_dir)
+    with open(log_dir / "log.txt", "r+b") as f:
+        f.truncate(os.path.getsize(log_dir / "log.txt") - 1)
+    r = ok(train(RESUME + ["--log_dir", str(log_dir), "--resume", "auto"]))
+    assert "the run is complete" in r.stdout and "warning" not in r.stdout
+    assert_same_run(uninterrupted, str(log_dir))
+
+
+def test_a_log_that_lost_records_before_the_checkpoint_is_said(tmp_path, uninterrupted):
+    log_dir = tmp_path / "log"
+    shutil.copytree(uninterrupted, log_dir)
+    lines = (log_dir / "log.txt").read_text().splitlines(keepends=True)
+    (log_dir / "log.txt").write_text("".join(line for line in lines if not line.startswith("10 train ")))
+    r = ok(train(RESUME + ["--log_dir", str(log_dir), "--resume", "auto"]))
+    assert (f"warning: {log_dir}/log.txt is not the log the checkpoint's run wrote up to step 24 (records were "
+            "edited or lost): the resumed log will differ from that run's") in r.stdout
+
+
+def test_a_stop_checkpoint_at_the_last_step_redoes_only_the_evaluations(tmp_path, uninterrupted):
+    """A checkpoint written on SIGTERM in the last iteration comes before that step's evaluations."""
+    log_dir = tmp_path / "log"
+    shutil.copytree(uninterrupted, log_dir)
+    final = str(log_dir / "model_00024.pt")
+    ckpt = torch.load(final, weights_only=True)
+    train_gpt2.save_checkpoint(final, {**ckpt, "evals_done": False})
+    r = ok(train(RESUME + ["--log_dir", str(log_dir), "--resume", "auto"]))
+    assert f"resuming from {final} at step 24: only its final evaluations are left" in r.stdout
+    assert_same_run(uninterrupted, str(log_dir))
+
+
+def test_a_renamed_checkpoint_is_refused_and_never_deleted(tmp_path, uninterrupted):
+    """--resume and --keep_checkpoints go by the step in a checkpoint's name: one whose name gives another step
+    than it holds is refused (--resume auto passes over it), so --overwrite cannot delete the one it goes on from."""
+    log_dir = tmp_path / "log"
+    shutil.copytree(uninterrupted, log_dir)
+    for step in (18, 24):
+        os.remove(log_dir / f"model_{step:05d}.pt")
+    os.rename(log_dir / "model_00012.pt", log_dir / "model_00018.pt")
+    renamed = str(log_dir / "model_00018.pt")
+    before = folder_bytes(log_dir)
+    r = train(RESUME + ["--log_dir", str(log_dir), "--resume", renamed, "--overwrite"])
+    assert r.returncode == 1 and r.stderr == (
+        f"error: checkpoint {renamed} holds step 12, not the step its name gives: name it model_00012.pt\n")
+    assert folder_bytes(log_dir) == before
+    r = ok(train(RESUME + ["--log_dir", str(log_dir), "--resume", "auto", "--max_steps", "6"]))
+    assert f"warning: checkpoint {renamed} holds step 12" in r.stdout
+    assert f"resuming from {log_dir}/model_00006.pt at step 6" in r.stdout
+    # a link from another folder to this folder's checkpoint is this folder's checkpoint: --overwrite removes the
+    # ones after it, never it
+    os.rename(renamed, log_dir / "model_00012.pt")
+    links = tmp_path / "links"
+    links.mkdir()
+    os.symlink(log_dir / "model_00012.pt", links / "model_00012.pt")
+    ok(train(RESUME + ["--log_dir", str(log_dir), "--resume", str(links / "model_00012.pt"), "--overwrite",
+                       "--max_steps", "14", "--checkpoint_every", "0"]))
+    assert sorted(os.listdir(log_dir)) == ["log.txt", "model_00006.pt", "model_00012.pt", "model_00014.pt"]
+
+
+def test_a_path_through_a_link_and_dotdot_is_the_folder_it_reaches(tmp_path, uninterrupted):
+    """sym/../log is where the link leads, then up: not ./log, which a path's text would say."""
+    other = tmp_path / "x" / "deep" / "log"  # another run, reached as tmp/sym/../log with sym -> x/deep/sub
+    ok(train(RESUME + ["--log_dir", str(other), "--max_steps", "6", "--seed", "7"]))
+    (tmp_path / "x" / "deep" / "sub").mkdir()
+    os.symlink(tmp_path / "x" / "deep" / "sub", tmp_path / "sym")
+    log_dir = tmp_path / "log"
+    shutil.copytree(uninterrupted, log_dir)
+    before = folder_bytes(log_dir)
+    r = train(RESUME + ["--log_dir", str(log_dir), "--resume", f"{tmp_path}/sym/../log/model_00006.pt"])
+    assert r.returncode == 1 and r.stderr.startswith(f"error: {log_dir}/ holds another run: "), r.stderr
+    assert folder_bytes(log_dir) == before
+
 def test_a_run_branched_from_another_folders_checkpoint(tmp_path, uninterrupted):
     """--resume PATH from another folder starts a branch there; the branch resumes with the same PATH until it has
     a checkpoint of its own, and a folder holding another run is not mixed with it."""
