@@ -424,12 +424,15 @@ def load_splits(data, need_val):
     how = "make it with `python fineweb.py`, or train on a text file with --data input.txt"
     if not os.path.isdir(data):
         raise UserError(f"no data at '{data}': {how}")
+    # the last _train_ or _val_ in a name decides: a prefix such as my_val_set_ does not put a shard in both
+    named = [(m[1], p) for p in sorted(glob.glob(os.path.join(glob.escape(data), "*.npy")))
+             if (m := re.search(r".*_(train|val)_", os.path.basename(p)))]
     splits = {}
-    names = sorted(glob.glob(os.path.join(glob.escape(data), "*.npy")))
     for split in ("train", "val"):
-        # the last _train_ or _val_ in a name decides: a prefix such as my_val_set_ does not put a shard in both
-        paths = [p for p in names if (m := re.search(r".*_(train|val)_", os.path.basename(p))) and m[1] == split]
+        paths = [p for s, p in named if s == split]
         if not paths and (split == "train" or need_val):
+            if named and split == "train":  # fineweb.py on a corpus smaller than two shards
+                how = "its first shard is the val split: make it again with fineweb.py and a smaller --shard_size"
             raise UserError(f"no *_{split}_*.npy shards in '{data}': {how}")
         splits[split] = [load_shard(p) for p in paths]
     return splits
@@ -1101,8 +1104,11 @@ def plan_start(args, model, optimizer, scaler, train_loader, T, device_type, say
         raise UserError(f"checkpoint {ckpt_path} was written " + ("with" if ckpt["sharded"] else "without") +
                         " --fsdp: resume it the same way")
     if ckpt["config"] != asdict(model.config):
+        run_args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+        init_from = run_args.get("init_from", args.init_from)  # the architecture came with those weights
+        fix = f"--init_from {init_from}" if init_from != args.init_from else "the same model flags"
         raise UserError(f"checkpoint {ckpt_path} is for model {ckpt['config']}, but this run builds "
-                        f"{asdict(model.config)}: pass the same model flags, or another --log_dir")
+                        f"{asdict(model.config)}: pass {fix}, or another --log_dir")
     if ckpt.get("seq_len", T) != T:
         raise UserError(f"checkpoint {ckpt_path} was trained with --seq_len {ckpt['seq_len']}, not {T}")
     start_step, evals_done = ckpt["step"], ckpt.get("evals_done", True)

@@ -35,6 +35,7 @@ def d(tmp_path_factory):
     write_shards(str(d / "int32"), {"val": [5000], "train": [5000]}, dtype=np.int32)
     write_shards(str(d / "short"), {"val": [50], "train": [50]})
     (d / "empty").mkdir()
+    write_shards(str(d / "val_only"), {"val": [5000]})  # fineweb.py on a corpus under two shards
     write_shards(str(d / "fifo"), {"val": [5000], "train": [5000]})
     os.unlink(d / "fifo" / "edufineweb_train_000000.npy")
     os.mkfifo(d / "fifo" / "edufineweb_train_000000.npy")  # np.load would wait for a writer for ever
@@ -142,6 +143,8 @@ TRAIN = [a.replace("input.txt", os.path.join(ROOT, "input.txt")) for a in FAST] 
 CASES = [
     ("train_gpt2.py", ["--data", "{d}/missing"], "python fineweb.py"),
     ("train_gpt2.py", ["--data", "{d}/empty"], "no *_train_*.npy shards"),
+    ("train_gpt2.py", ["--data", "{d}/val_only"], "no *_train_*.npy shards in '{d}/val_only': its first shard is "
+     "the val split: make it again with fineweb.py and a smaller --shard_size"),
     ("train_gpt2.py", ["--data", "{d}/int32"], "uint16"),
     ("train_gpt2.py", ["--data", "{d}/short"], "too few for one micro-batch"),
     ("train_gpt2.py", ["--data", "{d}/binary.txt"], "cannot read text file"),

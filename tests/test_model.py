@@ -62,6 +62,11 @@ def test_training_from_pretrained_starts_at_transformers_loss(hf_dir, tmp_path):
     r = train(run + ["--log_dir", str(tmp_path / "other"), "--n_layer", "4"])
     assert r.returncode == 1
     assert r.stderr == f"error: --init_from {hf_dir} brings its own architecture: drop --n_layer\n"
+    # its resume needs the --init_from, which brings the architecture: the error names it
+    scratch = [a for a in run if a not in ("--init_from", hf_dir)]
+    r = train(scratch + ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "64", "--log_dir",
+                         str(tmp_path / "log"), "--resume", "auto"])
+    assert r.returncode == 1 and r.stderr.endswith(f": pass --init_from {hf_dir}, or another --log_dir\n"), r.stderr
 
 
 def test_from_pretrained_refuses_other_layouts(tmp_path):
