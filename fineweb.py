@@ -136,6 +136,9 @@ def describe_source(args):
         if not matches:
             fail(f"no file matches {pattern}")
         files += matches
+    twice = next((f for i, f in enumerate(files) if os.path.realpath(f) in map(os.path.realpath, files[:i])), None)
+    if twice:  # overlapping globs: its documents would be in the shards twice
+        fail(f"{twice} is named twice in --local_files")
     formats = set()
     for f in files:
         if not os.path.isfile(f):
@@ -445,7 +448,9 @@ def manifest_problem(m):
 
     if not isinstance(m, dict) or not {"source", "prefix", "shard_size", "shards"} <= m.keys():
         return "fields are missing"
-    sizes, stale = (m["shard_size"], m.get("groups_per_task", 1)), m.get("stale", [])
+    sizes, stale, source = (m["shard_size"], m.get("groups_per_task", 1)), m.get("stale", []), m["source"]
+    if not isinstance(source, dict) or not all(isinstance(source.get(k, []), list) for k in ("files", "sizes", "mtimes")):
+        return "source is not what this script writes"
     if not (isinstance(m["prefix"], str) and counts(*sizes) and 0 not in sizes and isinstance(m["shards"], list)
             and isinstance(stale, list) and all(isinstance(n, str) for n in stale)):
         return "prefix, shard_size, groups_per_task, shards or stale is not what this script writes"

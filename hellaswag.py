@@ -149,7 +149,9 @@ def load_examples(data=None, cache_dir=None, limit=None):
                             "set $HELLASWAG_CACHE to a folder")
         data = os.path.join(cache_dir, CACHE_NAME)
         error = None
-        if int(os.environ.get("LOCAL_RANK", 0)) == 0 and not os.path.exists(data):
+        # one process per node downloads: the only one, or local rank 0 of a launch (setup_device checked it)
+        downloads = not dist.is_initialized() or int(os.environ["LOCAL_RANK"]) == 0
+        if downloads and not os.path.exists(data):
             try:
                 download(data)
             except UserError as e:

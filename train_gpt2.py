@@ -711,6 +711,8 @@ def load_checkpoint(path):
             os.listdir(path)  # a folder that cannot be read is not an incomplete one
     except OSError as e:
         raise UnreadableCheckpoint(f"cannot read checkpoint {path}: {e.strerror or e}")
+    if os.path.exists(meta) and not os.path.isfile(meta):  # a FIFO, a device
+        raise UserError(f"checkpoint {path} is not a regular file")
     if not os.path.isfile(meta):
         raise UserError(f"checkpoint {path} does not exist" + (" or is incomplete" if sharded else ""))
     try:
@@ -966,6 +968,7 @@ def trim_log(log_path, resume_step, evals_done=True):
     """
     if not os.path.exists(log_path):
         return
+    log_path = os.path.realpath(log_path)  # a link to the log stays a link
     kept = [line + "\n" for line in read_log(log_path) if not written_after(log_record(line), resume_step, evals_done)]
     with open(log_path + ".tmp", "w", errors="surrogateescape") as f:
         f.writelines(kept)
@@ -994,11 +997,14 @@ def read_log(log_path):
     """The whole lines of a log.txt, [] if there is none; bytes that are not UTF-8 are kept as they are."""
     if not os.path.exists(log_path):
         return []
+    if not os.path.isfile(log_path):  # a FIFO would block the read for ever
+        raise UserError(f"{log_path} is not a regular file: move it out of the --log_dir")
     with open(log_path, errors="surrogateescape") as f:
         lines = f.read().split("\n")
     # the piece after the last newline is empty, or a record cut short by a crash (after the last checkpoint, so
-    # trim_log would drop it), or a whole record that lost its newline (an edit): that one is kept
-    return lines if log_record(lines[-1]) else lines[:-1]
+    # trim_log would drop it): dropped. A whole record or a line of another kind that lost its newline: kept
+    first = lines[-1].split()[:1]
+    return lines if log_record(lines[-1]) or (first and not first[0].isdecimal()) else lines[:-1]
 
 
 def log_record(line):
@@ -1110,7 +1116,7 @@ def plan_start(args, model, optimizer, scaler, train_loader, T, device_type, say
         raise UserError(f"checkpoint {ckpt_path} is for model {ckpt['config']}, but this run builds "
                         f"{asdict(model.config)}: pass {fix}, or another --log_dir")
     if ckpt.get("seq_len", T) != T:
-        raise UserError(f"checkpoint {ckpt_path} was trained with --seq_len {ckpt['seq_len']}, not {T}")
+        raise UserError(f"checkpoint {ckpt_path} was trained with --seq_len {ckpt['seq_len']!r}, not {T}")
     start_step, evals_done = ckpt["step"], ckpt.get("evals_done", True)
     if start_step > args.max_steps:
         raise UserError(f"checkpoint {ckpt_path} is at step {start_step}, past --max_steps {args.max_steps}")

@@ -126,8 +126,12 @@ def baseline(corpus, out_dir, workers, shard_size):
 
 
 def fineweb_main(corpus, out_dir, workers, shard_size):
-    assert fineweb.main(["--local_files", corpus, "--out_dir", out_dir, "--shard_size", str(shard_size),
-                         "--workers", str(workers)]) == 0
+    status = fineweb.main(["--local_files", corpus, "--out_dir", out_dir, "--shard_size", str(shard_size),
+                           "--workers", str(workers)])
+    if status == 130:  # it caught the Ctrl-C itself
+        raise KeyboardInterrupt
+    if status != 0:
+        sys.exit(f"error: fineweb.py exited with {status} (see above)")
     with open(os.path.join(out_dir, "manifest.json")) as f:
         return json.load(f)["shards"][-1]["end"][0] + 1
 
@@ -179,6 +183,7 @@ def machine():
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: sys.exit(f"error: {message} (see --help)")  # one line, not the usage text
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to measure")
     p.add_argument("--tokens", type=float, default=8e6, help="corpus size in tokens")
     p.add_argument("--shard_size", type=int, default=2 * 10**6)
@@ -195,8 +200,16 @@ def main():
     for flag, path in (("--json", args.json), ("--corpus", args.corpus)):  # now, not after the whole benchmark
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             sys.exit(f"error: {flag} {path}: no such folder")
-        if path and os.path.isdir(path):
-            sys.exit(f"error: {flag} {path} is a folder: name a file")
+        if path and os.path.exists(path) and not os.path.isfile(path):  # a FIFO would be read for ever
+            sys.exit(f"error: {flag} {path} is not a regular file: name a file")
+    if args.json:  # writable now, not after the whole benchmark
+        try:
+            existed = os.path.exists(args.json)
+            open(args.json, "a").close()
+            if not existed:
+                os.remove(args.json)
+        except OSError as e:
+            sys.exit(f"error: cannot write --json {args.json}: {e.strerror or e}")
     with tempfile.TemporaryDirectory() as scratch:  # the made corpus goes with it, unless --corpus keeps it
         corpus = args.corpus or os.path.join(scratch, "corpus.parquet")
         if not os.path.exists(corpus):
@@ -247,9 +260,16 @@ def run_all(args, corpus, startup_corpus):
               f"| {r['main_us_per_doc']:.2f} us | {r['worker_rate'] / 1e6:.2f}M | {r['main_limit'] / 1e6:.0f}M tok/s "
               f"| {project(r, 64) * 64 * r['worker_rate'] / 1e6:.0f}M tok/s = {project(r, 64):.2f} x 64 r |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine(), "runs": runs}, f, indent=1)
+        try:
+            with open(args.json, "w") as f:
+                json.dump({"machine": machine(), "runs": runs}, f, indent=1)
+        except OSError as e:  # a full disk
+            sys.exit(f"error: cannot write --json {args.json}: {e.strerror or e}")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

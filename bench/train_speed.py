@@ -69,7 +69,7 @@ def variant(name):
         rows = lever[len("chunked"):]  # "chunked16384": the chunked loss at 16384 rows
         if lever in LEVERS:
             settings.update(LEVERS[lever])
-        elif lever.startswith("chunked") and rows.isdigit() and int(rows) > 0:
+        elif lever.startswith("chunked") and rows.isdecimal() and int(rows) > 0:
             settings["chunk"] = int(rows)
         else:
             raise ValueError(f"unknown lever {lever!r} in {name!r}: use 'baseline', or levers of "
@@ -315,4 +315,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

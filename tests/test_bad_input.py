@@ -39,6 +39,8 @@ def d(tmp_path_factory):
     write_shards(str(d / "fifo"), {"val": [5000], "train": [5000]})
     os.unlink(d / "fifo" / "edufineweb_train_000000.npy")
     os.mkfifo(d / "fifo" / "edufineweb_train_000000.npy")  # np.load would wait for a writer for ever
+    (d / "fifo_log").mkdir()
+    os.mkfifo(d / "fifo_log" / "log.txt")
     (d / "binary.txt").write_bytes(b"\xff\xfe\x00\x81" * 100)
     data = (d / "run" / "model_00001.pt").read_bytes()
     (d / "truncated.pt").write_bytes(data[:len(data) // 3])
@@ -150,6 +152,9 @@ CASES = [
     ("train_gpt2.py", ["--data", "{d}/binary.txt"], "cannot read text file"),
     ("train_gpt2.py", ["--data", "{d}/int32/edufineweb_val_000000.npy"], "is one shard: --data takes the folder"),
     ("train_gpt2.py", ["--data", "{d}/fifo"], "shard {d}/fifo/edufineweb_train_000000.npy is not a regular file"),
+    ("train_gpt2.py", ["--log_dir", "{d}/fifo_log"], "{d}/fifo_log/log.txt is not a regular file"),
+    ("train_gpt2.py", ["--resume", "{d}/fifo/edufineweb_train_000000.npy"],
+     "checkpoint {d}/fifo/edufineweb_train_000000.npy is not a regular file"),
     ("train_gpt2.py", ["--total_batch_size", "1000"], "try --total_batch_size 1024 or 896"),
     ("train_gpt2.py", ["--batch_size", "3"], "not divisible"),
     ("train_gpt2.py", ["--model", "gpt5"], "unknown --model 'gpt5'"),
@@ -274,6 +279,8 @@ CASES = [
     ("fineweb.py", ["--verify", "--out_dir", "{d}/badmanifest"], "shard entry 1 is not what this script writes"),
     ("tools/make_input_txt.py", [], "the following arguments are required: archive"),
     ("tools/make_input_txt.py", ["{d}/missing.tar.gz"], "cannot make input.txt from {d}/missing.tar.gz"),
+    ("tools/make_input_txt.py", ["{d}/fifo/edufineweb_train_000000.npy"],
+     "cannot make input.txt from {d}/fifo/edufineweb_train_000000.npy: not a regular file"),
     ("tools/make_input_txt.py", ["{d}/notes.txt"], "cannot make input.txt from {d}/notes.txt: "),
     ("tools/make_input_txt.py", ["{d}/plays.tar.gz"], "{d}/plays.tar.gz: it has no hamlet_gut.txt, macbeth_gut.txt, "),
     ("tools/make_input_txt.py", ["{d}/cut_plays.tar.gz"], "{d}/cut_plays.tar.gz: Compressed file ended before the "),

@@ -106,17 +106,21 @@ def test_fineweb_speed_bench_bad_input_is_one_line(tmp_path):
     pq.write_table(pa.table({"text": [[t] for t in texts]}), tmp_path / "lists.parquet", row_group_size=1000)
     pq.write_table(pa.table({"text": texts[:-1] + [None]}), tmp_path / "null.parquet", row_group_size=1000)
     (tmp_path / "folder").mkdir()
+    os.mkfifo(tmp_path / "fifo")  # pyarrow would wait on it for ever
     for args, message in [
             (["--corpus", str(tmp_path / "one_group.parquet")], "has 1 row group(s); the bench needs 2 or more"),
             (["--corpus", str(tmp_path / "lists.parquet")], "column 'text' holds list<element: string>, not strings"),
             (["--corpus", str(tmp_path / "null.parquet")], "1 of its texts are missing (null)"),
-            (["--json", str(tmp_path / "folder")], f"--json {tmp_path / 'folder'} is a folder: name a file"),
+            (["--json", str(tmp_path / "folder")], f"--json {tmp_path / 'folder'} is not a regular file: name a file"),
             (["--tokens", "1e30"], "--tokens must be at most 1e11"),
             (["--shard_size", str(10**12)], "--shard_size at most 1e9"),
             (["--corpus", str(tmp_path / "missing" / "corpus.parquet")], "no such folder"),
             (["--corpus", str(tmp_path / "body.parquet")], f"--corpus {tmp_path / 'body.parquet'} has no 'text' column"),
             (["--tokens", "inf"], "--tokens inf: need a finite number"),
-            (["--tokens", "nan"], "--tokens nan: need a finite number")]:
+            (["--tokens", "nan"], "--tokens nan: need a finite number"),
+            (["--workers", "x"], "error: argument --workers: invalid int value: 'x' (see --help)"),
+            (["--json", "/dev/full"], "--json /dev/full is not a regular file"),
+            (["--corpus", str(tmp_path / "fifo")], f"--corpus {tmp_path / 'fifo'} is not a regular file")]:
         r = run_script([sys.executable, "bench/fineweb_speed.py", *args], timeout=120)
         assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
         assert r.stderr.strip().splitlines() == [r.stderr.strip()] and message in r.stderr, r.stderr
@@ -126,6 +130,7 @@ def test_train_and_hellaswag_speed_bench_bad_input_is_one_line(tmp_path):
     """argparse's own errors were its usage text; a bench whose every variant failed exited 0."""
     for script, args, message in [
             ("train_speed.py", ["--variants", "bogus"], "unknown lever"),
+            ("train_speed.py", ["--variants", "chunked²"], "unknown lever 'chunked²'"),
             ("train_speed.py", ["--steps", "0"], "--steps must be positive"),
             ("train_speed.py", ["--dtype", "fp8"], "argument --dtype: invalid choice"),
             ("train_speed.py", ["--batch_size", str(2**40), "--total_batch_size", str(2**50)],
@@ -252,3 +257,23 @@ def test_only_a_gpu_profile_without_cuda_graphs_compiles_with_the_bytes_counted(
     assert inductor_settings(variant("ours"), 25, "cpu") == {}
     assert inductor_settings(variant("ours+cudagraphs"), 25, "cuda") == {}
     assert inductor_settings(variant("ours+autotune"), 25, "cuda") == {"benchmark_kernel": True}  # no graphs
+
+
+def test_ctrl_c_stops_a_bench_in_one_line(tmp_path):
+    """Ctrl-C during the timed work: 'interrupted' and exit status 130, as the scripts do, not a traceback."""
+    import signal
+    import subprocess
+    import time
+    for script, args, started in [
+            ("bench/train_speed.py", [*TOY, "--steps", "100000"], "random tokens"),
+            ("bench/fineweb_speed.py", ["--tokens", "3e6", "--workers", "1", "--repeats", "1"], "machine:")]:
+        proc = subprocess.Popen([sys.executable, script, *args], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        for line in proc.stdout:  # the work has begun
+            if started in line:
+                break
+        time.sleep(2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted", (script, err[-3000:])
+        assert "Traceback" not in err, (script, err[-3000:])

@@ -296,6 +296,29 @@ def test_verify_counts_documents(corpus, reference_run, tmp_path):
         fineweb.main(["--verify", "--out_dir", str(tmp_path)])
 
 
+@pytest.mark.parametrize("source", ["x", [1], "sizes", "mtimes", "files"])
+def test_a_manifest_whose_source_was_edited_is_one_line(corpus, tmp_path, source):
+    assert run(corpus, tmp_path, "--max_tokens", "20000") == 0
+    manifest = json.load(open(tmp_path / "manifest.json"))
+    manifest["source"] = {**manifest["source"], source: 5} if source in ("sizes", "mtimes", "files") else source
+    json.dump(manifest, open(tmp_path / "manifest.json", "w"))
+    for argv in ([], ["--verify"]):
+        with pytest.raises(SystemExit, match="manifest.json: source is not what this script writes"):
+            fineweb.main(["--local_files", *corpus["files"], "--out_dir", str(tmp_path), "--shard_size", str(SHARD),
+                          *argv] if not argv else [*argv, "--out_dir", str(tmp_path)])
+
+
+def test_a_file_named_twice_is_refused(corpus, tmp_path):
+    """Overlapping globs, or one file by two names: its documents would go into the shards twice."""
+    pattern = corpus["files"][0]
+    first = sorted(glob.glob(pattern))[0]
+    os.symlink(first, tmp_path / "again.parquet")
+    for twice in ([first, first], [pattern, first], [first, str(tmp_path / "again.parquet")]):
+        with pytest.raises(SystemExit, match=r"is named twice in --local_files"):
+            fineweb.main(["--local_files", *twice, "--out_dir", str(tmp_path / "out")])
+    assert not os.path.exists(tmp_path / "out")
+
+
 # ----------------------------------------------------------------------------- interruption
 
 KILLER = """

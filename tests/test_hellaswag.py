@@ -218,6 +218,15 @@ def test_a_broken_cached_copy_says_how_to_get_a_new_one(tmp_path):
         hellaswag.load_examples(cache_dir=str(tmp_path / "cache"))
 
 
+def test_a_stray_local_rank_without_a_launch_is_not_read(tmp_path, monkeypatch):
+    """LOCAL_RANK matters only in a launch (whose setup checks it): alone, this process is the one to download."""
+    (tmp_path / "cache").mkdir()
+    write_parquet(tmp_path / "cache" / hellaswag.CACHE_NAME, EXAMPLES)
+    monkeypatch.setenv("HELLASWAG_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LOCAL_RANK", "abc")
+    assert hellaswag.load_examples(None) == EXAMPLES
+
+
 def test_a_model_without_context_scores_nothing_in_one_line():
     with pytest.raises(UserError, match="more than the model's context of 0 can score"):
         hellaswag.evaluate(random_gpt(block_size=0), EXAMPLES[:2], "cpu")

