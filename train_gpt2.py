@@ -703,7 +703,8 @@ def load_checkpoint(path):
     them for load_sharded_state."""
     sharded = os.path.isdir(path)
     meta = os.path.join(path, "meta.pt") if sharded else path
-    if sharded and not CHECKPOINT_NAME.search(os.path.basename(os.path.normpath(path))):
+    named = CHECKPOINT_NAME.search(os.path.basename(os.path.normpath(path)))
+    if sharded and not named:
         raise UserError(f"{path} is a folder, not a checkpoint: pass a model_<step>.pt file or a "
                         "model_<step>.dcp folder")
     try:
@@ -735,24 +736,21 @@ def load_checkpoint(path):
     if not isinstance(ckpt, dict) or not needs <= set(ckpt) or not isinstance(ckpt.get("model", {}), dict) \
             or not all(isinstance(k, str) for k in ckpt.get("model", {})) or not is_count(ckpt["step"]):
         raise UserError(f"{path} is not a checkpoint of train_gpt2.py (needs {', '.join(sorted(needs))})")
-    named = CHECKPOINT_NAME.search(os.path.basename(os.path.normpath(path)))
     if named and int(named[1]) != ckpt["step"]:  # renamed: --resume and --keep_checkpoints go by the name's step
         raise UserError(f"checkpoint {path} holds step {ckpt['step']}, not the step its name gives: name it "
                         f"model_{ckpt['step']:05d}.{named[2]}")
-    if sharded and not os.path.isfile(os.path.join(path, ".metadata")):
-        raise UserError(f"checkpoint {path} is incomplete (no .metadata)")
     if sharded:  # every shard file must hold the bytes .metadata points into, so --resume auto passes over a cut one
+        if not os.path.isfile(os.path.join(path, ".metadata")):
+            raise UserError(f"checkpoint {path} is incomplete (no .metadata)")
         from torch.distributed.checkpoint import FileSystemReader
         try:
             items = sorted(FileSystemReader(path).read_metadata().storage_data.values(),
                            key=lambda info: (info.relative_path, info.offset))
         except Exception as e:
             raise UserError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__} in .metadata)")
-        ends = {}
-        for info in items:
-            ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
-        files = {name: os.path.join(path, name) for name in ends}
-        short = [n for n, f in files.items() if not os.path.isfile(f) or os.path.getsize(f) < ends[n]]
+        files = {info.relative_path: os.path.join(path, info.relative_path) for info in items}
+        short = [info.relative_path for info in items if not os.path.isfile(files[info.relative_path])
+                 or os.path.getsize(files[info.relative_path]) < info.offset + info.length]
         if short:
             raise UserError(f"checkpoint {path} is incomplete ({short[0]} is missing or cut short)")
         # each item is a torch.save archive of its own, read back by torch.load, which checks no CRC: check them
@@ -799,7 +797,6 @@ def failed_crc(file, path):
         raise UnreadableCheckpoint(f"cannot read checkpoint {path}: {e.strerror or e}")
     except zipfile.BadZipFile:  # torch.load read it (or DCP will), so its own format: leave it to that
         return None
-    return None
 
 
 def save_sharded_checkpoint(path, model, optimizer, meta):
@@ -923,9 +920,8 @@ def lock_log_dir(log_dir):
 
 def list_checkpoints(log_dir):
     """[(step, path)] of the checkpoints in log_dir, .pt files and .dcp folders, oldest first."""
-    found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(glob.escape(log_dir), "model_*"))
-             if (m := CHECKPOINT_NAME.search(os.path.basename(p)))]
-    return sorted(found)
+    return sorted((int(m.group(1)), p) for p in glob.glob(os.path.join(glob.escape(log_dir), "model_*"))
+                  if (m := CHECKPOINT_NAME.search(os.path.basename(p))))
 
 
 def find_resume_checkpoint(log_dir, warn, overwrite=False):
@@ -1026,7 +1022,8 @@ def resume_or_start(args, model, optimizer, scaler, train_loader, T, device_type
 
     Each rank plans from what it sees in --log_dir, and the ranks compare before anything is loaded together
     or deleted: an error on any rank, or ranks that would start from different states (a --log_dir that is not
-    shared), stop them all. Returns (start_step, evals_done, resumed). The log keeps the records before the start."""
+    shared), stop them all. Returns (start_step, resumed, evaluated_under: the --max_steps of the run whose
+    evaluations of start_step the log holds, None if it holds none). The log keeps the records before the start."""
     log_path = os.path.join(args.log_dir, "log.txt")
     error, plan = None, None
     try:
@@ -1065,15 +1062,16 @@ def resume_or_start(args, model, optimizer, scaler, train_loader, T, device_type
         error = f"cannot tidy --log_dir {args.log_dir}: {e}"
     gather_outcomes(error)
     if ckpt_path:
-        done = "the run is complete, nothing left to train" if evals_done else "only its final evaluations are left"
+        done = "the run is complete, nothing left to train" if plan["evaluated_under"] == args.max_steps else \
+            "only its final evaluations are left"
         say(f"resuming from {ckpt_path} at step {start_step}" + (f": {done}" if start_step == args.max_steps else ""))
-    return start_step, evals_done, ckpt_path is not None
+    return start_step, ckpt_path is not None, plan["evaluated_under"]
 
 
 def plan_start(args, model, optimizer, scaler, train_loader, T, device_type, say):
     """resume_or_start's decision, on one rank: {step, evals_done, path (of the checkpoint, or None), remove
     (checkpoints to delete), keep_log_to (the log's last step to keep), log_aside (where to move the log to, or
-    None), origin (what the ranks compare)}.
+    None), origin (what the ranks compare), evaluated_under (see resume_or_start)}.
     A checkpoint's plain state is loaded here, its FSDP shards later."""
     log_path = os.path.join(args.log_dir, "log.txt")
     span = log_span(log_path)
@@ -1101,7 +1099,7 @@ def plan_start(args, model, optimizer, scaler, train_loader, T, device_type, say
                 f"{log_aside}")
         # with --overwrite, its checkpoints go: they would pass for this run's
         return dict(step=0, evals_done=True, path=None, remove=earlier, keep_log_to=-1, origin=(0,),
-                    log_aside=log_aside)
+                    log_aside=log_aside, evaluated_under=None)
     missing = ({"loader", "rng"} | ({"optimizer"} if not ckpt["sharded"] else set())) - set(ckpt)
     if missing:
         raise UserError(f"checkpoint {ckpt_path} has no {', '.join(sorted(missing))}: it can be evaluated "
@@ -1109,8 +1107,8 @@ def plan_start(args, model, optimizer, scaler, train_loader, T, device_type, say
     if ckpt["sharded"] != args.fsdp:
         raise UserError(f"checkpoint {ckpt_path} was written " + ("with" if ckpt["sharded"] else "without") +
                         " --fsdp: resume it the same way")
+    run_args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}  # the flags of the checkpoint's run
     if ckpt["config"] != asdict(model.config):
-        run_args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
         init_from = run_args.get("init_from", args.init_from)  # the architecture came with those weights
         fix = f"--init_from {init_from}" if init_from != args.init_from else "the same model flags"
         raise UserError(f"checkpoint {ckpt_path} is for model {ckpt['config']}, but this run builds "
@@ -1162,8 +1160,10 @@ def plan_start(args, model, optimizer, scaler, train_loader, T, device_type, say
     except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:  # edited by hand, broken
         raise UserError(f"checkpoint {ckpt_path} does not fit its own config: {first_line(e)}")
     origin = (start_step, ckpt.get("log_digest"), repr(ckpt["loader"]))  # the same checkpoint on every rank
+    run_max_steps = run_args["max_steps"] if is_count(run_args.get("max_steps")) else args.max_steps
     return dict(step=start_step, evals_done=evals_done, path=ckpt_path, remove=later,
-                keep_log_to=-1 if foreign else start_step, origin=origin, log_aside=None)
+                keep_log_to=-1 if foreign else start_step, origin=origin, log_aside=None,
+                evaluated_under=run_max_steps if evals_done else None)
 
 
 # -----------------------------------------------------------------------------
@@ -1362,10 +1362,10 @@ def batch_plan(total, B, T, world, block_size):
         return total // per_micro
     lower, upper = (total // per_micro) * per_micro, (total // per_micro + 1) * per_micro
     hint = f"try --total_batch_size {upper}" + (f" or {lower}" if lower else "")
-    if total % (T * world) == 0:  # the largest B <= --batch_size that divides total / (T x world), if any
+    if total % (T * world) == 0:  # the largest B <= --batch_size that divides total / (T x world)
         n = total // (T * world)
         small = [d for d in range(1, min(B, math.isqrt(n), 10**6) + 1) if n % d == 0]  # capped: only a hint
-        hint += f", or --batch_size {max(d2 for d in small for d2 in (d, n // d) if d2 <= B)}" if small else ""
+        hint += f", or --batch_size {max(d2 for d in small for d2 in (d, n // d) if d2 <= B)}"
     raise UserError(f"--total_batch_size {total} is not divisible by {world} process(es) x B {B} x T {T} "
                     f"= {per_micro} tokens: {hint}")
 
@@ -1395,13 +1395,13 @@ def setup_device(device_arg, timeout=600):
         raise UserError(f"{', '.join(f'{k}={v}' for k, v in ids.items())}: these must be integers with "
                         "0 <= RANK < WORLD_SIZE; launch with torchrun")
     rank, local_rank, world = int(ids["RANK"]), int(ids["LOCAL_RANK"]), int(ids["WORLD_SIZE"])
-    if device_arg.startswith("cuda"):
+    if kind == "cuda":
         if local_rank >= count:
             raise UserError(f"LOCAL_RANK={local_rank}, but this node has {count} GPU(s): one process per GPU")
         device_arg = f"cuda:{local_rank}"  # one GPU per process
         torch.cuda.set_device(device_arg)
     try:
-        dist.init_process_group(backend="nccl" if device_arg.startswith("cuda") else "gloo",
+        dist.init_process_group(backend="nccl" if kind == "cuda" else "gloo",
                                 timeout=timedelta(seconds=timeout))
     except (RuntimeError, ValueError) as e:  # DistError (no rank 0, a port in use, ...) is a RuntimeError
         raise UserError(f"rank {rank} of {world} cannot join the process group at {os.environ['MASTER_ADDR']}:"
@@ -1510,7 +1510,6 @@ def main(argv=None):
     if config.vocab_size < 50257 and (args.hellaswag_every or args.sample_every):  # an --init_from model
         raise UserError(f"the model's vocabulary of {config.vocab_size} tokens cannot take the GPT-2 tokens that "
                         "HellaSwag and sampling give it: pass --hellaswag_every 0 --sample_every 0")
-    hella_examples = None
     if args.hellaswag_every:
         import hellaswag  # loads (downloading once per node) now, so a missing source fails before training
         hella_examples = hellaswag.load_examples(args.hellaswag_data)
@@ -1543,8 +1542,8 @@ def main(argv=None):
     except OSError as e:
         raise UserError(f"cannot create --log_dir {args.log_dir}: {e.strerror or e}")
     log_path = os.path.join(args.log_dir, "log.txt")
-    start_step, evals_done, resumed = resume_or_start(args, model, optimizer, scaler, train_loader, T,
-                                                      device_type, master, say)
+    start_step, resumed, evaluated_under = resume_or_start(args, model, optimizer, scaler, train_loader, T,
+                                                           device_type, master, say)
     # a loaded optimizer brings back its run's weight decay: this run's flag holds, as its LR does
     optimizer.param_groups[0]["weight_decay"] = args.weight_decay
 
@@ -1567,30 +1566,35 @@ def main(argv=None):
     flops_per_gpu_step = flops_per_token(config, T) * args.total_batch_size / world
     peak = peak_flops(device_type)
     eta_from = None  # (time, step) at the end of this launch's first step, which includes compilation
-    STOP["armed"], stop = True, False
+    STOP["armed"], STOP["signal"], stop = True, None, False
     # iteration `step`: evaluate the weights after `step` updates, save them as model_<step>, then make update `step`
     for step in range(start_step, args.max_steps + 1):
         last_step = step == args.max_steps
-        due = lambda every: every > 0 and (step % every == 0 or last_step)  # noqa: E731
+        due = lambda every, end=args.max_steps: every > 0 and (step % every == 0 or step == end)  # noqa: E731
         first = resumed and step == start_step  # this step's checkpoint is the one we resumed from
-        # its evaluations are in the log already, unless it was written on a stop signal (before them)
-        if not (first and evals_done) and not stop:
-            if val_loader is not None and due(args.eval_every):
+        # the evaluations its run made are in the log already (none if it stopped on a signal, before them); if
+        # that run was to go on, a --max_steps that ends here now asks for the final ones it did not make
+        done = lambda every: first and evaluated_under is not None and due(every, evaluated_under)  # noqa: E731
+        todo = lambda every: due(every) and not done(every)  # noqa: E731
+        if not stop:
+            if todo(args.eval_every):
                 val_loss = evaluate_loss(compiled, val_loader, args.val_steps, amp, device)
                 say(f"validation loss: {val_loss:.4f}")
                 log(f"{step} val {val_loss:.6f}")
-            if hella_examples is not None and due(args.hellaswag_every):
+            if todo(args.hellaswag_every):
                 res = hellaswag.evaluate(compiled, hella_examples, device, amp=amp, rank=rank, world_size=world)
                 say(f"HellaSwag accuracy: {res['acc_norm']:.4f} (acc {res['acc']:.4f}, n={res['n']})")
                 log(f"{step} hella {res['acc_norm']:.4f}")
-            if prompt and (step > 0 or last_step) and due(args.sample_every):
+            if (step > 0 or last_step) and todo(args.sample_every):
                 generator = torch.Generator(device=device).manual_seed(42 + rank)
                 rows = generate(model, prompt, args.num_samples, args.sample_length, device, generator, amp,
                                 enc.n_vocab)
                 for i, row in enumerate(rows):
                     print(f"rank {rank} sample {i}: {enc.decode(row)}")
         path = os.path.join(args.log_dir, f"model_{step:05d}." + ("dcp" if args.fsdp else "pt"))
-        if step > 0 and not first and (stop or last_step or due(args.checkpoint_every)):
+        # written again where the final evaluations were added, so the next resume knows they are in the log
+        refresh = first and last_step and evaluated_under not in (None, step)
+        if step > 0 and (not first or refresh) and (stop or last_step or due(args.checkpoint_every)):
             if master:  # the records a checkpoint follows reach the disk before it
                 with open(log_path, "a") as f:
                     os.fsync(f.fileno())
@@ -1625,7 +1629,6 @@ def main(argv=None):
             say(f"warning: step {step}: loss {loss}, grad norm {norm}: update skipped (--skip_nonfinite)")
         now = time.time()
         dt = now - t0
-        tok_per_sec = args.total_batch_size / dt
         mfu = f"{100 * flops_per_gpu_step / dt / peak:.1f}%" if peak else "n/a"  # n/a: a card missing from the table
         extra = f" | mfu {mfu}" if device_type == "cuda" else ""
         if eta_from:  # the wall time per step so far, evaluations and checkpoints included
@@ -1633,7 +1636,7 @@ def main(argv=None):
             extra += f" | eta {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m"
         eta_from = eta_from or (now, step)
         say(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {dt * 1000:.2f}ms | "
-            f"tok/sec {tok_per_sec:.2f}{extra}")
+            f"tok/sec {args.total_batch_size / dt:.2f}{extra}")
         log(f"{step} train {loss:.6f}")
 
     if dist.is_initialized():

@@ -196,6 +196,36 @@ def test_a_stop_checkpoint_at_the_last_step_redoes_only_the_evaluations(tmp_path
     assert_same_run(uninterrupted, str(log_dir))
 
 
+def test_a_run_cut_short_at_a_checkpoint_makes_its_final_evaluations_once(tmp_path, uninterrupted):
+    """--max_steps lowered to a checkpoint's step: that step is now the last, which evaluates and samples;
+    what its run already evaluated there is not done again, and a second resume does nothing."""
+    log_dir = tmp_path / "log"
+    shutil.copytree(uninterrupted, log_dir)
+    os.remove(log_dir / "model_00024.pt")
+    # step 18: not a multiple of --eval_every 4 or --sample_every 8, so its run neither evaluated nor sampled
+    r = ok(train(RESUME + ["--log_dir", str(log_dir), "--resume", "auto", "--max_steps", "18"]))
+    assert "at step 18: only its final evaluations are left" in r.stdout
+    assert sum(line.startswith("rank 0 sample ") for line in r.stdout.splitlines()) == 4
+    full = [line for line in open(os.path.join(uninterrupted, "log.txt")) if int(line.split()[0]) < 18]
+    log = (log_dir / "log.txt").read_text().splitlines(keepends=True)
+    assert log[:-1] == full and log[-1].startswith("18 val ")
+    # its checkpoint now says so: nothing is left
+    r = ok(train(RESUME + ["--log_dir", str(log_dir), "--resume", "auto", "--max_steps", "18"]))
+    assert "at step 18: the run is complete, nothing left to train" in r.stdout and "sample" not in r.stdout
+    assert (log_dir / "log.txt").read_text().splitlines(keepends=True) == log
+    # step 12 was evaluated (12 % 4) but not sampled (12 % 8) by its run: it samples, and its val record stays
+    shutil.rmtree(log_dir)
+    shutil.copytree(uninterrupted, log_dir)
+    for step in (18, 24):
+        os.remove(log_dir / f"model_{step:05d}.pt")
+    r = ok(train(RESUME + ["--log_dir", str(log_dir), "--resume", "auto", "--max_steps", "12"]))
+    assert sum(line.startswith("rank 0 sample ") for line in r.stdout.splitlines()) == 4
+    assert "validation loss" not in r.stdout
+    with open(os.path.join(uninterrupted, "log.txt")) as f:
+        assert (log_dir / "log.txt").read_text() == "".join(line for line in f if int(line.split()[0]) < 12 or
+                                                            line.startswith("12 val "))
+
+
 def test_a_renamed_checkpoint_is_refused_and_never_deleted(tmp_path, uninterrupted):
     """--resume and --keep_checkpoints go by the step in a checkpoint's name: one whose name gives another step
     than it holds is refused (--resume auto passes over it), so --overwrite cannot delete the one it goes on from."""
