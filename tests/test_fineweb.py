@@ -338,6 +338,7 @@ def partial_add(self, *args):  # killed with part of a shard (shard n or the nex
     add(self, *args)
     if self.index >= n - 1 and self.file is not None:
         self.file.flush()
+        self.wait()  # the writer thread's last rename and manifest are done: the kill lands in the open shard alone
         die()
 
 def late_manifest(out_dir, manifest):  # killed after shard n got its final name, before the manifest
