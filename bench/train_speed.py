@@ -315,8 +315,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    tg.run_cli(main)  # the trainer's: Ctrl-C is "interrupted" (130), errors one line, as hellaswag_speed.py
