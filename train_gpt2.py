@@ -1445,7 +1445,8 @@ def autocast_dtype(dtype_arg, device_type):
     if dtype_arg == "auto":
         if device_type != "cuda":
             return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # without emulation: before compute capability 8 (V100, T4) bf16 runs, slowly, in software
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     if dtype_arg == "fp16" and device_type != "cuda":
         raise UserError("--dtype fp16 needs a CUDA GPU; use bf16 or fp32")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_arg]

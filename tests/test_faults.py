@@ -523,6 +523,20 @@ def test_fp16_overflow_is_the_scalers_business():
     assert train_gpt2.nonfinite(1.0, float("inf"), disabled) and not train_gpt2.nonfinite(1.0, 2.0, disabled)
 
 
+@pytest.mark.parametrize("major, emulates, expected", [(9, False, torch.bfloat16), (8, False, torch.bfloat16),
+                                                       (7, True, torch.float16), (7, False, torch.float16)])
+def test_dtype_auto_takes_fp16_on_cards_that_only_emulate_bf16(monkeypatch, major, emulates, expected):
+    """A V100 or T4 (compute capability 7) makes bf16 tensors, in software, so torch.cuda.is_bf16_supported()
+    says yes: --dtype auto must still give those cards fp16 and the GradScaler, at tensor-core speed."""
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("Props", (), {"major": major}))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: emulates)
+    assert train_gpt2.autocast_dtype("auto", "cuda") == expected
+    assert train_gpt2.autocast_dtype("auto", "cpu") == torch.float32
+
+
 def test_resume_with_another_dtype_starts_or_drops_the_loss_scale(tmp_path, monkeypatch):
     """A bf16/fp32 checkpoint holds no loss scale: resumed in fp16 (a GPU without bf16), the GradScaler starts
     afresh; an fp16 checkpoint's scale is dropped when resumed in fp32. (fp16 is a CUDA option: here CPU
