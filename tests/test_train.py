@@ -1,6 +1,7 @@
 """The training loop end to end, as subprocesses: learning, DDP parity, exact resume, compile.
 
 Bad input: test_bad_input.py; kills, signals and other faults: test_faults.py."""
+import contextlib
 import os
 import shutil
 import signal
@@ -53,6 +54,44 @@ def test_two_ddp_ranks_equal_one_process(tmp_path):
     # at max_lr 1e-2, AdamW turns rounding in the tiny gradients of the embedding rows of tokens never seen
     # into differences of ~1e-5 (plain or chunked loss alike); ranks training apart would differ by ~max_lr
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 5e-5
+
+
+def test_ddp_all_reduces_once_per_step_not_per_micro_step(tmp_path):
+    """The lecture toggled require_backward_grad_sync by hand; train_step uses no_sync() for all but the last
+    micro-step. Syncing every micro-step gives the same numbers, only slower: so count the reductions."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    class MSE(torch.nn.Module):  # train_step calls model(x, y) -> (logits, loss)
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 1)
+
+        def forward(self, x, y):
+            return None, torch.nn.functional.mse_loss(self.linear(x), y)
+
+    class Loader:
+        def next_batch(self):
+            return torch.randn(2, 4), torch.randn(2, 1)
+
+    def count(state, bucket):
+        reductions.append(bucket.index())
+        done = torch.futures.Future()
+        done.set_result(bucket.buffer())
+        return done
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model, reductions = DDP(MSE()), []
+        model.register_comm_hook(None, count)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+        for _ in range(2):
+            train_gpt2.train_step(model, optimizer, Loader(), 4, 0.1, contextlib.nullcontext(),
+                                  torch.amp.GradScaler("cpu", enabled=False), 1.0, "cpu")
+        assert reductions == [0, 0]  # its one bucket, once in each step of 4 micro-steps
+    finally:
+        dist.destroy_process_group()
 
 
 RESUME = FAST + ["--max_steps", "24", "--eval_every", "4", "--val_steps", "2", "--checkpoint_every", "6",
