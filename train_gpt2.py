@@ -1195,8 +1195,9 @@ def parse_args(argv=None):
     a("--batch_size", type=int, default=64, help="micro-batch size B per process")
     a("--seq_len", type=int, help="sequence length T (default: the model's context)")
     a("--total_batch_size", type=int, help="tokens per optimizer step (default: the --model's, 2**19 for gpt2)")
-    a("--max_steps", type=int, default=19073, help="optimizer steps (19073 x gpt2's 2**19 = 10B tokens)")
-    a("--warmup_steps", type=int, default=715, help="linear LR warmup steps")
+    a("--max_steps", type=int, help="optimizer steps (default: 10B tokens at the --model's batch, 19073 for gpt2)")
+    a("--warmup_steps", type=int, help="linear LR warmup steps (default: GPT-3's 375M tokens at the --model's "
+                                       "batch, 715 for gpt2)")
     a("--max_lr", type=float, help="peak LR (default: the --model's, 6e-4 for gpt2)")
     a("--min_lr", type=float, help="LR at the end of the cosine (default: max_lr / 10)")
     a("--weight_decay", type=float, default=0.1, help="AdamW weight decay of the matmul weights and embeddings")
@@ -1248,7 +1249,7 @@ def parse_args(argv=None):
             p.error(f"--{name} must be positive")
     for name in ("eval_every", "hellaswag_every", "sample_every", "checkpoint_every", "warmup_steps",
                  "keep_checkpoints", "seed", "loss_chunk_rows"):
-        if getattr(args, name) < 0:
+        if getattr(args, name) is not None and getattr(args, name) < 0:
             p.error(f"--{name} must be 0 or more")
     for name in ("max_lr", "min_lr", "weight_decay", "grad_clip"):
         if getattr(args, name) is not None and not 0 <= getattr(args, name) < math.inf:  # NaN fails this too
@@ -1283,6 +1284,10 @@ def apply_preset(args):
     for name, value in preset.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    # the schedule in tokens, as the lecture took it from GPT-3: 10B tokens (FineWeb-Edu's sample), 375M of warmup
+    tokens_per_step = MODELS[args.model][4]  # the preset's, so the lecture's small debug batches keep 19073 and 715
+    args.max_steps = args.max_steps or round(10e9 / tokens_per_step)
+    args.warmup_steps = round(375e6 / tokens_per_step) if args.warmup_steps is None else args.warmup_steps
     args.vocab_size = args.vocab_size or 50304
     if args.init_from == "scratch":
         args.seq_len = args.seq_len or args.block_size
@@ -1334,7 +1339,8 @@ def dry_run(args, config):
           f"{flops_per_token(config, args.seq_len) / 1e9:.2f} GFLOP per token at T={args.seq_len}, "
           f"max LR {args.max_lr:g}")
     print(f"batch: {args.total_batch_size:,} tokens per step = {world} GPU(s) x B {args.batch_size} x "
-          f"T {args.seq_len} x {accum} accumulation steps")
+          f"T {args.seq_len} x {accum} accumulation steps; {args.max_steps:,} steps "
+          f"({args.max_steps * args.total_batch_size / 1e9:.1f}B tokens), {args.warmup_steps:,} of warmup")
     print(f"memory per GPU, estimated (GiB){'DDP':>12s}{'FSDP':>10s}")
     plan = memory_plan(config, args.batch_size, args.seq_len, world, amp_bytes, args.activation_checkpointing,
                        args.loss_chunk_rows)

@@ -26,6 +26,10 @@ def test_gpt3_presets(name):
     assert abs(param_count(config) / nominal - 1) < 0.05, param_count(config)
     assert context == 2048 and n_embd % n_head == 0 and max_lr == lr
     assert abs(tokens / batch - 1) < 0.05 and tokens % 2048 == 0
+    # the lecture's schedule in tokens (10B, 375M of them warmup: 19073 and 715 steps at 2**19) at its batch
+    args = train_gpt2.parse_args(["--model", name])
+    train_gpt2.apply_preset(args)
+    assert abs(args.max_steps * tokens / 10e9 - 1) < 1e-3 and abs(args.warmup_steps * tokens / 375e6 - 1) < 5e-3
 
 
 def test_param_count_formula_matches_a_built_model():
@@ -43,10 +47,16 @@ def test_dry_run_uses_the_preset_and_its_overrides():
     out = dry_run("--model", "gpt3-350M", "--batch_size", "8", "--world_size", "8")
     assert "n_layer=24, n_head=16, n_embd=1024" in out and "block_size=2048" in out
     assert "524,288 tokens per step = 8 GPU(s) x B 8 x T 2048 x 4 accumulation steps" in out
-    assert "max LR 0.0003" in out
+    assert "max LR 0.0003" in out and "; 19,073 steps (10.0B tokens), 715 of warmup" in out
+    out = dry_run("--model", "gpt3-1.3B", "--batch_size", "8", "--world_size", "8")
+    assert "1,048,576 tokens per step" in out and "; 9,537 steps (10.0B tokens), 358 of warmup" in out
+    out = dry_run("--model", "gpt3-1.3B", "--batch_size", "1", "--total_batch_size", "2048", "--max_steps", "5",
+                  "--warmup_steps", "0")
+    assert "; 5 steps (0.0B tokens), 0 of warmup" in out
     out = dry_run("--model", "gpt3-350M", "--batch_size", "8", "--seq_len", "1024", "--max_lr", "1e-3",
                   "--total_batch_size", "65536")
-    assert "65,536 tokens per step = 1 GPU(s) x B 8 x T 1024 x 8 accumulation steps" in out and "max LR 0.001" in out
+    assert "65,536 tokens per step = 1 GPU(s) x B 8 x T 1024 x 8 accumulation steps; 19,073 steps" in out
+    assert "max LR 0.001" in out
 
 
 def test_dry_run_memory_matches_a_measured_allocation():
