@@ -830,14 +830,18 @@ def save_sharded_checkpoint(path, model, optimizer, meta):
         raise UserError(str(e) if isinstance(e, UserError) else f"cannot write checkpoint {path}: {e.strerror or e}")
 
 
-def write_checkpoint(path, model, optimizer, state, fsdp, keep):
-    """The checkpoint of a step: every rank's shards (FSDP) or rank 0's file, then --keep_checkpoints. Every rank
-    returns, or every rank raises the same UserError: after a failure on rank 0 alone (a full disk), the others
-    must not wait for it in the next collective until --dist_timeout."""
+def write_checkpoint(path, model, optimizer, state, fsdp, keep, meta_only=False):
+    """The checkpoint of a step: every rank's shards (FSDP; meta_only: their meta.pt alone, the shards being
+    there already) or rank 0's file, then --keep_checkpoints. Every rank returns, or every rank raises the same
+    UserError: after a failure on rank 0 alone (a full disk), the others must not wait for it in the next
+    collective until --dist_timeout."""
     master = not dist.is_initialized() or dist.get_rank() == 0
     error = None
     try:
-        if fsdp:
+        if fsdp and meta_only:
+            if master:
+                save_checkpoint(os.path.join(path, "meta.pt"), state)
+        elif fsdp:
             save_sharded_checkpoint(path, model, optimizer, state)
         elif master:
             save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **state})
@@ -1022,8 +1026,9 @@ def resume_or_start(args, model, optimizer, scaler, train_loader, T, device_type
 
     Each rank plans from what it sees in --log_dir, and the ranks compare before anything is loaded together
     or deleted: an error on any rank, or ranks that would start from different states (a --log_dir that is not
-    shared), stop them all. Returns (start_step, resumed, evaluated_under: the --max_steps of the run whose
-    evaluations of start_step the log holds, None if it holds none). The log keeps the records before the start."""
+    shared), stop them all. Returns (start_step, the checkpoint's path or None, evaluated_under: the --max_steps
+    of the run whose evaluations of start_step the log holds, None if it holds none). The log keeps the records
+    before the start."""
     log_path = os.path.join(args.log_dir, "log.txt")
     error, plan = None, None
     try:
@@ -1065,7 +1070,7 @@ def resume_or_start(args, model, optimizer, scaler, train_loader, T, device_type
         done = "the run is complete, nothing left to train" if plan["evaluated_under"] == args.max_steps else \
             "only its final evaluations are left"
         say(f"resuming from {ckpt_path} at step {start_step}" + (f": {done}" if start_step == args.max_steps else ""))
-    return start_step, ckpt_path is not None, plan["evaluated_under"]
+    return start_step, ckpt_path, plan["evaluated_under"]
 
 
 def plan_start(args, model, optimizer, scaler, train_loader, T, device_type, say):
@@ -1549,8 +1554,8 @@ def main(argv=None):
     except OSError as e:
         raise UserError(f"cannot create --log_dir {args.log_dir}: {e.strerror or e}")
     log_path = os.path.join(args.log_dir, "log.txt")
-    start_step, resumed, evaluated_under = resume_or_start(args, model, optimizer, scaler, train_loader, T,
-                                                           device_type, master, say)
+    start_step, resumed_from, evaluated_under = resume_or_start(args, model, optimizer, scaler, train_loader, T,
+                                                                device_type, master, say)
     # a loaded optimizer brings back its run's weight decay: this run's flag holds, as its LR does
     optimizer.param_groups[0]["weight_decay"] = args.weight_decay
 
@@ -1578,7 +1583,7 @@ def main(argv=None):
     for step in range(start_step, args.max_steps + 1):
         last_step = step == args.max_steps
         due = lambda every, end=args.max_steps: every > 0 and (step % every == 0 or step == end)  # noqa: E731
-        first = resumed and step == start_step  # this step's checkpoint is the one we resumed from
+        first = resumed_from is not None and step == start_step  # this step's checkpoint is the one we resumed from
         # the evaluations its run made are in the log already (none if it stopped on a signal, before them); if
         # that run was to go on, a --max_steps that ends here now asks for the final ones it did not make
         done = lambda every: first and evaluated_under is not None and due(every, evaluated_under)  # noqa: E731
@@ -1600,7 +1605,7 @@ def main(argv=None):
                     print(f"rank {rank} sample {i}: {enc.decode(row)}")
         path = os.path.join(args.log_dir, f"model_{step:05d}." + ("dcp" if args.fsdp else "pt"))
         # written again where the final evaluations were added, so the next resume knows they are in the log
-        refresh = first and last_step and evaluated_under not in (None, step)
+        refresh = first and last_step and evaluated_under != step
         if step > 0 and (not first or refresh) and (stop or last_step or due(args.checkpoint_every)):
             if master:  # the records a checkpoint follows reach the disk before it
                 with open(log_path, "a") as f:
@@ -1612,7 +1617,10 @@ def main(argv=None):
                      "loader": train_loader.state_dict(), "rng": rng, "args": vars(args), "evals_done": not stop,
                      "val_rows": args.val_steps * B * world,
                      "log_digest": log_digest(log_path, step, not stop) if master else None}
-            write_checkpoint(path, model, optimizer, state, args.fsdp, args.keep_checkpoints)
+            # an FSDP folder is replaced by deleting it first: rewriting the one resumed from, whose shards are
+            # these weights, only its meta.pt changes, so that alone is replaced (atomically)
+            meta_only = refresh and args.fsdp and os.path.realpath(path) == os.path.realpath(resumed_from)
+            write_checkpoint(path, model, optimizer, state, args.fsdp, args.keep_checkpoints, meta_only)
         if stop:
             say(f"stopped at step {step} by {STOP['signal'] or 'a signal to another rank'}; checkpoint {path}; "
                 "resume with --resume auto")

@@ -303,6 +303,25 @@ def test_fsdp_hellaswag_in_the_loop_equals_one_process(tmp_path):
     assert len(one) == 2 and one == two
 
 
+def test_an_fsdp_run_cut_short_at_a_checkpoint_rewrites_only_its_meta(tmp_path, fsdp_run):
+    """--max_steps lowered to a checkpoint's step rewrites that checkpoint to say its evaluations are made. Its
+    shards are those weights already: replacing the folder would first delete it, and a crash then would lose
+    it, so only meta.pt is replaced."""
+    log_dir = tmp_path / "log"
+    shutil.copytree(fsdp_run / "two", log_dir)
+    shutil.rmtree(log_dir / "model_00006.dcp")
+    ckpt = log_dir / "model_00003.dcp"
+    shards = {name: os.stat(ckpt / name) for name in (".metadata", "__0_0.distcp")}
+    run = FSDP + ["--batch_size", "8", "--fsdp", "--log_dir", str(log_dir), "--resume", "auto", "--max_steps", "3"]
+    r = torchrun(1, run)
+    assert "at step 3: only its final evaluations are left" in r.stdout and "validation loss" not in r.stdout
+    assert {name: (s.st_ino, s.st_mtime_ns) for name, s in shards.items()} == \
+        {name: (s.st_ino, s.st_mtime_ns) for name, s in ((n, os.stat(ckpt / n)) for n in shards)}
+    assert torch.load(str(ckpt / "meta.pt"), weights_only=True)["args"]["max_steps"] == 3
+    assert sorted(os.listdir(log_dir)) == ["log.txt", "model_00003.dcp"]
+    assert "at step 3: the run is complete, nothing left to train" in torchrun(1, run).stdout
+
+
 def test_fsdp_refusals(tmp_path, fsdp_run):
     r = train(FSDP + ["--batch_size", "8", "--fsdp", "--log_dir", str(tmp_path / "a")])
     assert r.returncode == 1 and "torchrun" in r.stderr and len(r.stderr.strip().splitlines()) == 1

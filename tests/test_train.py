@@ -233,6 +233,10 @@ def test_a_stop_checkpoint_at_the_last_step_redoes_only_the_evaluations(tmp_path
     r = ok(train(RESUME + ["--log_dir", str(log_dir), "--resume", "auto"]))
     assert f"resuming from {final} at step 24: only its final evaluations are left" in r.stdout
     assert_same_run(uninterrupted, str(log_dir))
+    # its checkpoint now says they are made: a second resume does nothing
+    r = ok(train(RESUME + ["--log_dir", str(log_dir), "--resume", "auto"]))
+    assert f"resuming from {final} at step 24: the run is complete, nothing left to train" in r.stdout
+    assert_same_run(uninterrupted, str(log_dir))
 
 
 def test_a_run_cut_short_at_a_checkpoint_makes_its_final_evaluations_once(tmp_path, uninterrupted):
