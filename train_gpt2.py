@@ -1222,7 +1222,8 @@ def parse_args(argv=None):
     a("--keep_checkpoints", type=int, default=0,
       help="after writing a checkpoint, delete all but it and the K-1 before it (0: keep all)")
     a("--skip_nonfinite", action="store_true", help="skip an update whose loss or grad norm is inf/NaN (default: stop)")
-    a("--dist_timeout", type=float, default=600, help="seconds a rank waits for the others before the job fails")
+    a("--dist_timeout", type=float, default=600, help="seconds a rank waits for the others before the job fails; "
+                                                      "with DDP it must cover rank 0 writing a checkpoint")
     a("--overwrite", action="store_true",
       help="start fresh even if --log_dir holds an earlier run (with --resume auto: if no checkpoint loads); with "
       "--resume PATH, drop the checkpoints after it, or the other run --log_dir holds")
@@ -1660,7 +1661,9 @@ def main(argv=None):
     unlock_log_dir()
 
 
-def run_cli(main, memory_hint="use a smaller --batch_size", lost_rank_hint="resume with --resume auto",
+def run_cli(main, memory_hint="use a smaller --batch_size",
+            lost_rank_hint="resume with --resume auto (a rank that was only slow, such as rank 0 writing a big "
+                           "checkpoint, needs a longer --dist_timeout)",
             compile_hint="--compile off"):
     """Run a script's main(): a UserError, an OSError (a full disk, ...), running out of memory, a failed
     torch.compile or a lost rank becomes one line on stderr and exit status 1, no traceback; an interrupt
