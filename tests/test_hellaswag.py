@@ -566,7 +566,8 @@ def test_an_ending_too_long_for_the_model_stops_every_rank(tmp_path, hf_dir):
     assert errors[1] == "error: a HellaSwag example on another rank is longer than the model's context: see its error"
 
 
-def test_trainer_logs_hella_from_this_code(tmp_path):
+@pytest.mark.parametrize("compile", ["off", "on"])  # the lecture's code could not run HellaSwag compiled
+def test_trainer_logs_hella_from_this_code(tmp_path, compile):
     text = tmp_path / "input.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
     data = write_jsonl(tmp_path / "val.jsonl", EXAMPLES)
@@ -574,7 +575,7 @@ def test_trainer_logs_hella_from_this_code(tmp_path):
     train_gpt2.main(["--data", str(text), "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "128",
                      "--batch_size", "2", "--seq_len", "32", "--total_batch_size", "64", "--max_steps", "2",
                      "--eval_every", "0", "--sample_every", "0", "--hellaswag_every", "2", "--hellaswag_data", data,
-                     "--log_dir", str(log_dir), "--device", "cpu", "--compile", "off"])
+                     "--log_dir", str(log_dir), "--device", "cpu", "--compile", compile])
     hella = [line.split() for line in (log_dir / "log.txt").read_text().splitlines() if " hella " in line]
     assert [fields[0] for fields in hella] == ["0", "2"]
     torch.manual_seed(1337)  # the trainer's seed: its model at step 0
