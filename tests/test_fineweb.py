@@ -797,12 +797,15 @@ def local_hub(monkeypatch):
 @pytest.mark.parametrize("dataset,name", [("fineweb-edu", "HuggingFaceFW/fineweb-edu"),
                                           ("fineweb", "HuggingFaceFW/fineweb")])
 @pytest.mark.parametrize("hub", ["unavailable", "unreachable"])
-def test_a_hub_that_fails(tmp_path, local_hub, dataset, name, hub):
-    """The real download path, up to the network call: it asks the hub for the dataset, fails in one line and
-    writes nothing."""
+def test_a_hub_that_fails(tmp_path, local_hub, monkeypatch, dataset, name, hub):
+    """The real download path, up to the network call: it asks the hub for the dataset (streamed: 10B tokens of
+    text need not sit on disk beside their shards), fails in one line and writes nothing."""
+    import datasets
     paths, refuse = local_hub
     if hub == "unreachable":
         refuse()
+    asked, load_dataset = [], datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: asked.append((a, k)) or load_dataset(*a, **k))
     with pytest.raises(SystemExit) as e:
         fineweb.main(["--dataset", dataset, "--out_dir", str(tmp_path / "out")])
     msg = str(e.value.code)
@@ -811,6 +814,7 @@ def test_a_hub_that_fails(tmp_path, local_hub, dataset, name, hub):
         assert "Couldn't reach" in msg, msg
     else:
         assert f"/datasets/{name}/resolve/main/README.md" in paths, paths
+    assert asked == [((name,), {"name": "sample-10BT", "split": "train", "streaming": True})]
     assert not os.path.exists(tmp_path / "out")
 
 
