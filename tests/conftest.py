@@ -16,3 +16,5 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(tempfile.gettempdir(), 
 seed_cache(os.environ["TIKTOKEN_CACHE_DIR"])
 # subprocesses (2-rank DDP on 2 cores) must not oversubscribe the CPU
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# datasets counts each load with a request to its servers: offline, a dropped packet would cost seconds a call
+os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "0")

@@ -266,7 +266,7 @@ def test_ctrl_c_stops_a_bench_in_one_line(tmp_path):
     import time
     for script, args, started in [
             ("bench/train_speed.py", [*TOY, "--steps", "100000"], "random tokens"),
-            ("bench/fineweb_speed.py", ["--tokens", "3e6", "--workers", "1", "--repeats", "1"], "machine:")]:
+            ("bench/fineweb_speed.py", ["--tokens", "3e6", "--workers", "1", "--repeats", "8"], "machine:")]:  # 16 runs
         proc = subprocess.Popen([sys.executable, script, *args], cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
         for line in proc.stdout:  # the work has begun

@@ -42,9 +42,16 @@ def checkpoints(log_dir):
 
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range (32768 up, on Linux), from which the other xdist worker's
+    connections take theirs: one of them taking it before rank 0 binds it would fail the test."""
+    while True:
+        port = random.randrange(20000, 29000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
 
 
 def checkpoint(log_dir, step):

@@ -357,6 +357,7 @@ def stall(self, file, entry):  # shard n on disk, then stop so the test can kill
 def wait_in_main(self, *args):  # shard n begun, then wait for the test's Ctrl-C
     add(self, *args)
     if self.index >= n:
+        self.wait()  # as in partial_add: the writer thread idle, so the signal or kill lands in the main process
         open(os.environ["READY_FILE"], "w").close()
         time.sleep(60)
 

@@ -610,7 +610,8 @@ def test_running_out_of_cpu_memory_is_one_line(capsys):
     """What an allocation too large for the machine raises, caught by run_cli as one line."""
     import train_gpt2
     with pytest.raises(SystemExit) as e:
-        train_gpt2.run_cli(lambda: torch.empty(2**46, dtype=torch.uint8))  # 64 TiB
+        # 1 EiB: past the address space, so refused even where the kernel overcommits memory (vm.overcommit_memory=1)
+        train_gpt2.run_cli(lambda: torch.empty(2**60, dtype=torch.uint8))
     assert e.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith("error: out of memory (") and err.endswith(": use a smaller --batch_size\n")
