@@ -554,14 +554,22 @@ def get_lr(step, max_lr, min_lr, warmup_steps, max_steps):
     return min_lr + coeff * (max_lr - min_lr)
 
 
-def train_step(model, optimizer, loader, grad_accum_steps, lr, amp, scaler, grad_clip, device, skip_nonfinite=False):
+def train_step(model, optimizer, loader, grad_accum_steps, lr, amp, scaler, grad_clip, device, skip_nonfinite=False,
+               cuda_graphs=False):
     """One optimizer step over grad_accum_steps micro-batches; returns (mean loss, grad norm) as tensors.
 
     skip_nonfinite leaves the weights and optimizer untouched when the step diverged (see nonfinite);
-    deciding that before the update costs a host sync, so it is only done when asked for."""
+    deciding that before the update costs a host sync, so it is only done when asked for. cuda_graphs: the
+    model is compiled with CUDA graphs, whose outputs the next replay overwrites; a .grad made by the first
+    micro-step's backward would be such an output, and the next micro-steps would add into freed memory. So
+    the gradients live outside the graphs, allocated once and zeroed in place."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    optimizer.zero_grad(set_to_none=True)
+    if cuda_graphs:
+        for p in model.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+    optimizer.zero_grad(set_to_none=not cuda_graphs)
     loss_accum = torch.zeros((), device=device)
     for micro_step in range(grad_accum_steps):
         x, y = loader.next_batch()
@@ -1564,6 +1572,7 @@ def main(argv=None):
     # once more for no_grad); sampling grows its input every token, so it runs the eager model.
     use_compile = args.compile == "on" or (args.compile == "auto" and device_type == "cuda")
     compiled = torch.compile(model, mode=args.compile_mode) if use_compile else model
+    cuda_graphs = use_compile and device_type == "cuda" and args.compile_mode == "max-autotune"  # see train_step
     train_model = compiled
     if world > 1 and not args.fsdp:
         train_model = DDP(compiled, device_ids=[local_rank] if device_type == "cuda" else None)
@@ -1632,7 +1641,7 @@ def main(argv=None):
         t0 = time.time()
         lr = get_lr(step, args.max_lr, args.min_lr, args.warmup_steps, args.max_steps)
         loss, norm = train_step(train_model, optimizer, train_loader, grad_accum_steps, lr, amp, scaler,
-                                args.grad_clip, device, args.skip_nonfinite)
+                                args.grad_clip, device, args.skip_nonfinite, cuda_graphs)
         # a stop signal to any rank stops all of them after the same step: one tiny all-reduce, read below
         stop = torch.full((), float(STOP["signal"] is not None), device=device)
         if dist.is_initialized():

@@ -14,12 +14,14 @@
 #      checkpoint every 10 steps: it runs, and compiles a bounded number of times (TORCH_LOGS=recompiles).
 #      The Python inductor generates for it (its graphs' code and their Triton kernels) goes to
 #      $OUT/inductor_code.tgz: what each fused kernel reads and writes, for sizing hand-written ones
-# Needs the GPT-2 BPE files in $TIKTOKEN_CACHE_DIR (tools/offline_tokenizer.py) when offline.
+# Stage 2 needs the GPT-2 BPE files in $TIKTOKEN_CACHE_DIR when offline (default: .tok here, made by
+# tools/offline_tokenizer.py; the device tool's call carries it with carry [".tok"]); stage 1 needs none.
 # SMOKE=1 runs the same stages on the CPU at toy sizes, to check this script before spending GPU time: the
 # bench uncompiled (so its compile levers change nothing there), the training run compiled, HellaSwag included.
 # Exit status: 0 when every stage exited 0, else 1.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
+export TIKTOKEN_CACHE_DIR=${TIKTOKEN_CACHE_DIR:-$PWD/.tok}
 OUT=${OUT:-/tmp/gpu_check}
 SMOKE=${SMOKE:-0}
 BUDGET=${BUDGET:-540}
@@ -46,30 +48,34 @@ else
 fi
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
-python3 - "$DATA" "$([ "$SMOKE" = 1 ] && echo 64 || echo 2000)" <<'PY' || { echo "error: preparing the data failed (see above)" >&2; exit 1; }
-import json, os, sys
+python3 - "$DATA" <<'PY' || { echo "error: writing the random token shards failed (see above)" >&2; exit 1; }
+import sys
 import numpy as np
+rng = np.random.default_rng(0)
+np.save(f"{sys.argv[1]}/random_val_000000.npy", rng.integers(0, 50257, 4_000_000, dtype=np.uint16))
+np.save(f"{sys.argv[1]}/random_train_000001.npy", rng.integers(0, 50257, 20_000_000, dtype=np.uint16))
+PY
+# HellaSwag-like examples, tokenized: without the tokenizer stage 2 cannot run, but stage 1 still does
+python3 - "$DATA" "$([ "$SMOKE" = 1 ] && echo 64 || echo 2000)" <<'PY' || { echo "error: making the HellaSwag examples failed (see above): stage 2 is skipped" >&2; failed=1; }
+import json, sys
 sys.path.insert(0, "bench")
 from hellaswag_speed import synthetic_examples
-data = sys.argv[1]
-rng = np.random.default_rng(0)
-np.save(f"{data}/random_val_000000.npy", rng.integers(0, 50257, 4_000_000, dtype=np.uint16))
-np.save(f"{data}/random_train_000001.npy", rng.integers(0, 50257, 20_000_000, dtype=np.uint16))
-with open(f"{data}/hellaswag.jsonl", "w") as f:
-    for ex in synthetic_examples(int(sys.argv[2])):  # HellaSwag examples
+with open(f"{sys.argv[1]}/hellaswag.jsonl", "w") as f:
+    for ex in synthetic_examples(int(sys.argv[2])):
         f.write(json.dumps(ex) + "\n")
 PY
 
 echo "== 1. the training step against the lecture's"
-timeout $((END - TRAIN_CAP - SECONDS)) python3 bench/train_speed.py --baseline --variants "${VARIANTS[@]}" \
+timeout -k 20 $((END - TRAIN_CAP - SECONDS)) python3 bench/train_speed.py --baseline --variants "${VARIANTS[@]}" \
     "${SIZE[@]}" "${BENCH[@]}" > "$OUT/train_speed.log" 2>&1
 status=$?; [ $status = 0 ] || failed=1
 echo "exit $status (124: cut at the time limit)"
 grep -v "^ *losses\|^USDT\|^STAGE:\|^Compiled module path" "$OUT/train_speed.log"
 
+[ -s "$DATA/hellaswag.jsonl" ] || exit 1
 echo "== 2. compiled training with the trainer's defaults and evaluations in the loop"
-left=$((END - SECONDS))
-TORCHINDUCTOR_CACHE_DIR="$LOGDIR/inductor" TORCH_LOGS=recompiles timeout $((left > 10 ? left : 10)) \
+left=$((END - SECONDS - 20))  # SIGTERM makes the trainer finish its step and write a checkpoint: 20 s for that
+TORCHINDUCTOR_CACHE_DIR="$LOGDIR/inductor" TORCH_LOGS=recompiles timeout -k 20 $((left > 10 ? left : 10)) \
     python3 train_gpt2.py --data "$DATA" --max_steps 20 --eval_every 10 --val_steps 5 \
     --hellaswag_data "$DATA/hellaswag.jsonl" --sample_every 10 --checkpoint_every 10 \
     --log_dir "$LOGDIR" "${SIZE[@]}" "${TRAIN[@]}" > "$OUT/train.log" 2>&1

@@ -152,13 +152,17 @@ def profile_report(name, kernels, dt, top):
     return lines
 
 
+def replays(lever):
+    """Does the variant compile with CUDA graphs?"""
+    return lever.get("mode", tg.parse_args([]).compile_mode) in ("reduce-overhead", "max-autotune")
+
+
 def inductor_settings(lever, profile, device_type):
     """The inductor config a variant compiles with: its lever's, and for --profile on a GPU benchmark_kernel,
     with which each Triton launch tells the profiler the bytes it moves (a CUDA graph's replay launches
     nothing to tell it). Inductor then also prints each compiled module's path to stderr."""
     settings = dict(lever.get("inductor", {}))
-    replays = lever.get("mode", tg.parse_args([]).compile_mode) in ("reduce-overhead", "max-autotune")
-    if profile and device_type == "cuda" and not replays:
+    if profile and device_type == "cuda" and not replays(lever):
         settings["benchmark_kernel"] = True
     return settings
 
@@ -195,7 +199,8 @@ def measure(name, args, shards, device):
         if lever.get("lecture"):
             loss, _ = lecture_step(compiled, optimizer, loader, accum, 6e-4, amp, scaler, device)
         else:
-            loss, _ = tg.train_step(compiled, optimizer, loader, accum, 6e-4, amp, scaler, 1.0, device)
+            loss, _ = tg.train_step(compiled, optimizer, loader, accum, 6e-4, amp, scaler, 1.0, device,
+                                    cuda_graphs=args.compile and device_type == "cuda" and replays(lever))
         return loss.item()  # one host sync per step, as both loops do
 
     settings = inductor_settings(lever, args.profile, device_type)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -92,6 +93,34 @@ def test_ddp_all_reduces_once_per_step_not_per_micro_step(tmp_path):
         assert reductions == [0, 0]  # its one bucket, once in each step of 4 micro-steps
     finally:
         dist.destroy_process_group()
+
+
+def test_gradients_for_cuda_graphs_stay_in_buffers_of_their_own_and_change_nothing():
+    """Compiled with CUDA graphs (--compile_mode max-autotune), a .grad made inside the graph is overwritten by
+    the next micro-step's replay; train_step(cuda_graphs=True) keeps the gradients in buffers made once, outside,
+    and zeroes them in place. The steps are the same: same losses, same weights."""
+    from train_gpt2 import GPT, DataLoader, GPTConfig
+    shards = [np.arange(5000, dtype=np.uint16) % 500]
+    runs = []
+    for cuda_graphs in (False, True):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(block_size=16, vocab_size=512, n_layer=1, n_head=2, n_embd=16))
+        optimizer = model.configure_optimizers(0.1, 1e-2, "cpu")
+        loader = DataLoader(shards, 4, 16, vocab_size=512)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        losses, buffers = [], []
+        for _ in range(3):
+            loss, _ = train_gpt2.train_step(model, optimizer, loader, 4, 1e-2, contextlib.nullcontext(), scaler,
+                                            1.0, "cpu", cuda_graphs=cuda_graphs)
+            losses.append(loss.item())
+            buffers.append([p.grad for p in model.parameters()])
+        runs.append((losses, model.state_dict()))
+        if cuda_graphs:  # the same tensors in every step
+            assert all(a is b for step in buffers[1:] for a, b in zip(buffers[0], step))
+        else:  # freed and made again
+            assert not any(a is b for a, b in zip(buffers[0], buffers[1]))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
 
 
 RESUME = FAST + ["--max_steps", "24", "--eval_every", "4", "--val_steps", "2", "--checkpoint_every", "6",
