@@ -652,8 +652,9 @@ def generate(model, tokens, num_samples, length, device, generator, amp, vocab_l
     return x.tolist()
 
 
-# dense bf16 tensor-core peak of common cards (V100, T4: fp16), for MFU; the first name contained in the card's wins
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "A100": 312e12,
+# dense bf16 tensor-core peak of common cards (V100, T4: fp16), for MFU; the first name in the card's wins, as a
+# whole model number ("A100" is not the RTX A1000's)
+PEAK_BF16_FLOPS = {"H200 NVL": 835e12, "H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "A100": 312e12,
                    "L40S": 362e12, "L40": 181e12, "A10": 125e12, "L4": 121e12, "4090": 165e12, "3090": 71e12,
                    "V100": 125e12, "T4": 65e12}
 
@@ -662,7 +663,7 @@ def peak_flops(device_type):
     if device_type != "cuda":
         return None
     name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if re.search(rf"(?<![0-9A-Za-z]){k}(?![0-9])", name)), None)
 
 
 # -----------------------------------------------------------------------------

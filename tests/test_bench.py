@@ -220,7 +220,9 @@ def test_cuda_n_becomes_the_current_gpu_and_mfu_knows_the_card(monkeypatch):
     assert tg.setup_device("cuda:1") == (0, 0, 1, "cuda:1") and chosen == ["cuda:1"]
     assert tg.setup_device("cuda") == (0, 0, 1, "cuda") and chosen == ["cuda:1"]  # the current one already
     for name, peak in [("NVIDIA H100 NVL", 835e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
-                       ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-40GB", 312e12), ("Some New GPU", None)]:
+                       ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA A100-SXM4-40GB", 312e12),
+                       ("NVIDIA L4", 121e12), ("NVIDIA RTX A1000", None),
+                       ("Some New GPU", None)]:
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, name=name: name)
         assert tg.peak_flops("cuda") == peak, name
 
