@@ -1586,6 +1586,20 @@ def main(argv=None):
             except OSError as e:  # a full disk: say which file
                 raise UserError(f"cannot write {log_path}: {e.strerror or e}")
 
+    def save(step, path, evals_done, meta_only=False):
+        """The checkpoint of the weights after `step` updates; evals_done: the log holds step's evaluations."""
+        if master:  # the records a checkpoint follows reach the disk before it
+            with open(log_path, "a") as f:
+                os.fsync(f.fileno())
+        rng = {"cpu": torch.get_rng_state()}
+        if device_type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state()
+        state = {"scaler": scaler.state_dict(), "step": step, "config": asdict(config), "seq_len": T,
+                 "loader": train_loader.state_dict(), "rng": rng, "args": vars(args), "evals_done": evals_done,
+                 "val_rows": args.val_steps * B * world,
+                 "log_digest": log_digest(log_path, step, evals_done) if master else None}
+        write_checkpoint(path, model, optimizer, state, args.fsdp, args.keep_checkpoints, meta_only)
+
     flops_per_gpu_step = flops_per_token(config, T) * args.total_batch_size / world
     peak = peak_flops(device_type)
     eta_from = None  # (time, step) at the end of this launch's first step, which includes compilation
@@ -1599,6 +1613,16 @@ def main(argv=None):
         # that run was to go on, a --max_steps that ends here now asks for the final ones it did not make
         done = lambda every: first and evaluated_under is not None and due(every, evaluated_under)  # noqa: E731
         todo = lambda every: due(every) and not done(every)  # noqa: E731
+        path = os.path.join(args.log_dir, f"model_{step:05d}." + ("dcp" if args.fsdp else "pt"))
+        # the last step's checkpoint comes before its final evaluations (HellaSwag takes minutes), marked as
+        # without them: a signal during them then loses no training, and interrupts them at once
+        saved = False
+        if last_step and step > 0 and not first and not stop and \
+                any(todo(every) for every in (args.eval_every, args.hellaswag_every, args.sample_every)):
+            save(step, path, evals_done=False)
+            saved = True
+        if last_step and (saved or first):
+            STOP["armed"] = False
         if not stop:
             if todo(args.eval_every):
                 val_loss = evaluate_loss(compiled, val_loader, args.val_steps, amp, device)
@@ -1614,24 +1638,13 @@ def main(argv=None):
                                 enc.n_vocab)
                 for i, row in enumerate(rows):
                     print(f"rank {rank} sample {i}: {enc.decode(row)}")
-        path = os.path.join(args.log_dir, f"model_{step:05d}." + ("dcp" if args.fsdp else "pt"))
         # written again where the final evaluations were added, so the next resume knows they are in the log
         refresh = first and last_step and evaluated_under != step
         if step > 0 and (not first or refresh) and (stop or last_step or due(args.checkpoint_every)):
-            if master:  # the records a checkpoint follows reach the disk before it
-                with open(log_path, "a") as f:
-                    os.fsync(f.fileno())
-            rng = {"cpu": torch.get_rng_state()}
-            if device_type == "cuda":
-                rng["cuda"] = torch.cuda.get_rng_state()
-            state = {"scaler": scaler.state_dict(), "step": step, "config": asdict(config), "seq_len": T,
-                     "loader": train_loader.state_dict(), "rng": rng, "args": vars(args), "evals_done": not stop,
-                     "val_rows": args.val_steps * B * world,
-                     "log_digest": log_digest(log_path, step, not stop) if master else None}
-            # an FSDP folder is replaced by deleting it first: rewriting the one resumed from, whose shards are
-            # these weights, only its meta.pt changes, so that alone is replaced (atomically)
-            meta_only = refresh and args.fsdp and os.path.realpath(path) == os.path.realpath(resumed_from)
-            write_checkpoint(path, model, optimizer, state, args.fsdp, args.keep_checkpoints, meta_only)
+            # an FSDP folder is replaced by deleting it first: rewriting one with these weights (written above, or
+            # resumed from), only its meta.pt changes, so that alone is replaced (atomically)
+            save(step, path, evals_done=not stop, meta_only=args.fsdp and (saved or refresh and os.path.realpath(
+                path) == os.path.realpath(resumed_from)))
         if stop:
             say(f"stopped at step {step} by {STOP['signal'] or 'a signal to another rank'}; checkpoint {path}; "
                 "resume with --resume auto")

@@ -290,6 +290,29 @@ def test_a_checkpoint_that_does_not_fit_its_config_is_one_line(tmp_path, referen
                                                      "its own config: ") and r.stderr.count("\n") == 1, r.stderr
 
 
+def test_a_signal_during_the_final_evaluations_stops_them_with_the_training_saved(tmp_path):
+    """The last step's checkpoint is written before its final evaluations (HellaSwag takes minutes, longer than
+    torchrun's grace before SIGKILL), marked as without them; a signal then interrupts them at once, and a
+    resume makes only them."""
+    log_dir = str(tmp_path / "log")
+    run = FAST + ["--checkpoint_every", "0", "--log_dir", log_dir]
+    ok(train(run + ["--max_steps", "2", "--eval_every", "0"]))
+    # from step 2 to 4, evaluated at 4 alone (the last step), over many val batches
+    final = run + ["--max_steps", "4", "--eval_every", "5", "--resume", "auto"]
+    slow = Run([sys.executable, "train_gpt2.py", *final, "--val_steps", "100000"], str(tmp_path))
+    slow.wait_until(lambda: os.path.exists(os.path.join(log_dir, "model_00004.pt")))
+    slow.kill(signal.SIGTERM)
+    assert slow.wait(timeout=60) == 130
+    out, err = slow.output()
+    assert err.splitlines()[-1] == "interrupted" and "validation loss" not in out
+    assert checkpoint(log_dir, 4)["evals_done"] is False
+    assert [(s, k) for s, k, _ in records(log_dir)] == [(0, "train"), (1, "train"), (2, "train"), (3, "train")]
+    r = ok(train(final + ["--val_steps", "2"]))
+    assert "at step 4: only its final evaluations are left" in r.stdout
+    assert [(s, k) for s, k, _ in records(log_dir)][-2:] == [(3, "train"), (4, "val")]
+    assert checkpoint(log_dir, 4)["evals_done"] is True
+
+
 def test_sigterm_saves_after_the_step_and_resumes_exactly(tmp_path, reference):
     log_dir = str(tmp_path / "log")
     ref_log = log_text(reference)
