@@ -669,6 +669,7 @@ def peak_flops(device_type):
 # -----------------------------------------------------------------------------
 # Checkpoints and resume: atomic writes, sharded (FSDP) checkpoints, and what --resume continues from
 
+SCHEDULE_FLAGS = ("max_steps", "warmup_steps", "max_lr", "min_lr")  # a resumed run may change them
 CHECKPOINT_NAME = re.compile(r"model_(\d+)\.(pt|dcp)$")  # .dcp: a folder of FSDP shards
 CHECKPOINT_TMP = re.compile(r"model_\d+\.(pt\.tmp\d+|dcp\.tmp)$")  # what save_checkpoint and FSDP write first
 
@@ -1072,6 +1073,9 @@ def resume_or_start(args, model, optimizer, scaler, train_loader, T, device_type
             for tmp in glob.glob(os.path.join(glob.escape(args.log_dir), "model_*.tmp*")):
                 if CHECKPOINT_TMP.search(os.path.basename(tmp)):  # half a checkpoint, from a run killed writing it
                     remove_checkpoint(tmp)
+            for tmp in glob.glob(os.path.join(glob.escape(args.log_dir), "model_*.dcp", "meta.pt.tmp*")):
+                if re.fullmatch(r"meta\.pt\.tmp\d+", os.path.basename(tmp)):  # a meta.pt rewrite, killed
+                    os.remove(tmp)
     except OSError as e:
         error = f"cannot tidy --log_dir {args.log_dir}: {e}"
     gather_outcomes(error)
@@ -1161,6 +1165,10 @@ def plan_start(args, model, optimizer, scaler, train_loader, T, device_type, say
     if args.eval_every and ckpt.get("val_rows", val_rows) != val_rows:
         say(f"warning: the checkpoint's run evaluated {ckpt['val_rows']} val sequences, this one {val_rows} "
             "(--val_steps x --batch_size x processes): the val loss changes at the resume")
+    changed = [f"--{name} {run_args[name]:g} -> {getattr(args, name):g}" for name in SCHEDULE_FLAGS
+               if isinstance(run_args.get(name), (int, float)) and run_args[name] != getattr(args, name)]
+    if changed and start_step < args.max_steps:  # meant, or defaults that changed (the presets' step counts)
+        say(f"warning: the learning rate schedule changes at the resume ({', '.join(changed)})")
     try:
         train_loader.set_state(ckpt["loader"])
         if not args.fsdp:
@@ -1209,9 +1217,10 @@ def parse_args(argv=None):
     a("--batch_size", type=int, default=64, help="micro-batch size B per process")
     a("--seq_len", type=int, help="sequence length T (default: the model's context)")
     a("--total_batch_size", type=int, help="tokens per optimizer step (default: the --model's, 2**19 for gpt2)")
-    a("--max_steps", type=int, help="optimizer steps (default: 10B tokens at the --model's batch, 19073 for gpt2)")
-    a("--warmup_steps", type=int, help="linear LR warmup steps (default: GPT-3's 375M tokens at the --model's "
-                                       "batch, 715 for gpt2)")
+    a("--max_steps", type=int, help="optimizer steps (default: 10B tokens at the --model preset's tokens per step, "
+                                    "whatever --total_batch_size is: 19073 for gpt2)")
+    a("--warmup_steps", type=int, help="linear LR warmup steps (default: GPT-3's 375M tokens at the preset's tokens "
+                                       "per step: 715 for gpt2)")
     a("--max_lr", type=float, help="peak LR (default: the --model's, 6e-4 for gpt2)")
     a("--min_lr", type=float, help="LR at the end of the cosine (default: max_lr / 10)")
     a("--weight_decay", type=float, default=0.1, help="AdamW weight decay of the matmul weights and embeddings")
@@ -1550,7 +1559,9 @@ def main(argv=None):
         if not dist.is_initialized():
             raise UserError("--fsdp shards over the processes of a torchrun launch: torchrun --nproc_per_node=N ...")
         if amp_dtype == torch.float16:
-            raise UserError("--fsdp trains in bf16 or fp32, not fp16: pass --dtype bf16 or fp32")
+            raise UserError("--fsdp trains in bf16 or fp32, not fp16" + (" (--dtype auto's choice on a GPU without "
+                            "bf16)" if args.dtype == "auto" else "") + ": pass --dtype fp32" +
+                            ("" if args.dtype == "auto" else " or bf16"))
         shard_model(model, amp_dtype)  # before the optimizer, which must hold the sharded parameters
     model.activation_checkpointing = args.activation_checkpointing
     model.loss_chunk_rows = args.loss_chunk_rows

@@ -142,4 +142,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, lost_rank_hint="run it again")

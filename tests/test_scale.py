@@ -312,6 +312,7 @@ def test_an_fsdp_run_cut_short_at_a_checkpoint_rewrites_only_its_meta(tmp_path, 
     shutil.rmtree(log_dir / "model_00006.dcp")
     ckpt = log_dir / "model_00003.dcp"
     shards = {name: os.stat(ckpt / name) for name in (".metadata", "__0_0.distcp")}
+    (ckpt / "meta.pt.tmp4242").write_bytes(b"half")  # an earlier such rewrite, killed: the resume removes it
     run = FSDP + ["--batch_size", "8", "--fsdp", "--log_dir", str(log_dir), "--resume", "auto", "--max_steps", "3"]
     r = torchrun(1, run)
     assert "at step 3: only its final evaluations are left" in r.stdout and "validation loss" not in r.stdout
@@ -319,6 +320,7 @@ def test_an_fsdp_run_cut_short_at_a_checkpoint_rewrites_only_its_meta(tmp_path, 
         {name: (s.st_ino, s.st_mtime_ns) for name, s in ((n, os.stat(ckpt / n)) for n in shards)}
     assert torch.load(str(ckpt / "meta.pt"), weights_only=True)["args"]["max_steps"] == 3
     assert sorted(os.listdir(log_dir)) == ["log.txt", "model_00003.dcp"]
+    assert sorted(os.listdir(ckpt)) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
     assert "at step 3: the run is complete, nothing left to train" in torchrun(1, run).stdout
 
 

@@ -298,6 +298,20 @@ def test_a_run_cut_short_at_a_checkpoint_makes_its_final_evaluations_once(tmp_pa
                                                             line.startswith("12 val "))
 
 
+def test_a_resume_that_changes_the_schedule_says_so(tmp_path, uninterrupted):
+    """Allowed (a longer run, a lower LR), but the LR jumps at the resume: as when the presets' default step counts
+    changed under a run begun before."""
+    log_dir = tmp_path / "log"
+    shutil.copytree(uninterrupted, log_dir)
+    for step in (18, 24):
+        os.remove(log_dir / f"model_{step:05d}.pt")
+    r = ok(train(RESUME + ["--log_dir", str(log_dir), "--resume", "auto", "--max_steps", "13", "--max_lr", "5e-3"]))
+    assert "warning: the learning rate schedule changes at the resume (--max_steps 24 -> 13, --max_lr 0.01 -> " \
+           "0.005, --min_lr 0.001 -> 0.0005)" in r.stdout
+    r = ok(train(RESUME + ["--log_dir", str(log_dir), "--resume", "auto", "--max_steps", "13", "--max_lr", "5e-3"]))
+    assert "at step 13: the run is complete" in r.stdout and "schedule" not in r.stdout
+
+
 def test_a_renamed_checkpoint_is_refused_and_never_deleted(tmp_path, uninterrupted):
     """--resume and --keep_checkpoints go by the step in a checkpoint's name: one whose name gives another step
     than it holds is refused (--resume auto passes over it), so --overwrite cannot delete the one it goes on from."""
