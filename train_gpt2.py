@@ -1625,15 +1625,16 @@ def main(argv=None):
         done = lambda every: first and evaluated_under is not None and due(every, evaluated_under)  # noqa: E731
         todo = lambda every: due(every) and not done(every)  # noqa: E731
         path = os.path.join(args.log_dir, f"model_{step:05d}." + ("dcp" if args.fsdp else "pt"))
-        # the last step's checkpoint comes before its final evaluations (HellaSwag takes minutes), marked as
-        # without them: a signal during them then loses no training, and interrupts them at once
+        # the last step's checkpoint comes before its final val loss and HellaSwag (minutes), marked as without
+        # them: a signal during them then loses no training, and interrupts them at once
         saved = False
-        if last_step and step > 0 and not first and not stop and \
-                any(todo(every) for every in (args.eval_every, args.hellaswag_every, args.sample_every)):
+        if last_step and step > 0 and not first and not stop and (todo(args.eval_every) or todo(args.hellaswag_every)):
             save(step, path, evals_done=False)
             saved = True
         if last_step and (saved or first):
             STOP["armed"] = False
+            if STOP["signal"]:  # it came while that checkpoint was written
+                raise KeyboardInterrupt
         if not stop:
             if todo(args.eval_every):
                 val_loss = evaluate_loss(compiled, val_loader, args.val_steps, amp, device)

@@ -313,6 +313,27 @@ def test_a_signal_during_the_final_evaluations_stops_them_with_the_training_save
     assert checkpoint(log_dir, 4)["evals_done"] is True
 
 
+def test_a_signal_while_the_last_checkpoint_is_written_interrupts_the_final_evaluations(tmp_path, monkeypatch):
+    """Held until the end of the next step, a signal come while the last step's checkpoint was written, before
+    its evaluations, was never acted on: no step follows."""
+    sent, log_dir, write = [], tmp_path / "log", train_gpt2.write_checkpoint
+
+    def sigterm_then_write(*args, **kwargs):
+        if not sent:
+            sent.append(os.kill(os.getpid(), signal.SIGTERM))  # handled before the next line runs
+        return write(*args, **kwargs)
+    monkeypatch.setattr(train_gpt2, "write_checkpoint", sigterm_then_write)
+    handler = signal.signal(signal.SIGTERM, train_gpt2.request_stop)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_gpt2.main(FAST + ["--max_steps", "2", "--eval_every", "2", "--checkpoint_every", "0", "--log_dir",
+                                    str(log_dir)])
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    assert sent and [(s, k) for s, k, _ in records(str(log_dir))] == [(0, "val"), (0, "train"), (1, "train")]
+    assert checkpoint(str(log_dir), 2)["evals_done"] is False
+
+
 def test_sigterm_saves_after_the_step_and_resumes_exactly(tmp_path, reference):
     log_dir = str(tmp_path / "log")
     ref_log = log_text(reference)
