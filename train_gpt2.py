@@ -654,9 +654,9 @@ def generate(model, tokens, num_samples, length, device, generator, amp, vocab_l
 
 # dense bf16 tensor-core peak of common cards (V100, T4: fp16), for MFU; the first name in the card's wins, as a
 # whole model number ("A100" is not the RTX A1000's)
-PEAK_BF16_FLOPS = {"H200 NVL": 835e12, "H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "A100": 312e12,
-                   "L40S": 362e12, "L40": 181e12, "A10": 125e12, "L4": 121e12, "4090": 165e12, "3090": 71e12,
-                   "V100": 125e12, "T4": 65e12}
+PEAK_BF16_FLOPS = {"H200 NVL": 835e12, "H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12,
+                   "A100": 312e12, "L40S": 362e12, "L40": 181e12, "A10": 125e12, "L4": 121e12, "4090": 165e12,
+                   "3090": 71e12, "V100": 125e12, "T4": 65e12}
 
 
 def peak_flops(device_type):
@@ -1655,8 +1655,8 @@ def main(argv=None):
         if step > 0 and (not first or refresh) and (stop or last_step or due(args.checkpoint_every)):
             # an FSDP folder is replaced by deleting it first: rewriting one with these weights (written above, or
             # resumed from), only its meta.pt changes, so that alone is replaced (atomically)
-            save(step, path, evals_done=not stop, meta_only=args.fsdp and (saved or refresh and os.path.realpath(
-                path) == os.path.realpath(resumed_from)))
+            in_place = saved or (refresh and os.path.realpath(path) == os.path.realpath(resumed_from))
+            save(step, path, evals_done=not stop, meta_only=args.fsdp and in_place)
         if stop:
             say(f"stopped at step {step} by {STOP['signal'] or 'a signal to another rank'}; checkpoint {path}; "
                 "resume with --resume auto")

@@ -56,7 +56,8 @@ np.save(f"{sys.argv[1]}/random_val_000000.npy", rng.integers(0, 50257, 4_000_000
 np.save(f"{sys.argv[1]}/random_train_000001.npy", rng.integers(0, 50257, 20_000_000, dtype=np.uint16))
 PY
 # HellaSwag-like examples, tokenized: without the tokenizer stage 2 cannot run, but stage 1 still does
-python3 - "$DATA" "$([ "$SMOKE" = 1 ] && echo 64 || echo 2000)" <<'PY' || { echo "error: making the HellaSwag examples failed (see above): stage 2 is skipped" >&2; failed=1; }
+python3 - "$DATA" "$([ "$SMOKE" = 1 ] && echo 64 || echo 2000)" <<'PY' \
+    || { echo "error: making the HellaSwag examples failed (see above): stage 2 is skipped" >&2; failed=1; }
 import json, sys
 sys.path.insert(0, "bench")
 from hellaswag_speed import synthetic_examples

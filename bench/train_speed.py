@@ -320,4 +320,5 @@ def main():
 
 
 if __name__ == "__main__":
-    tg.run_cli(main, lost_rank_hint="run it again")  # the trainer's: Ctrl-C is "interrupted" (130), errors one line, as hellaswag_speed.py
+    # the trainer's: Ctrl-C is "interrupted" (130), errors one line, as hellaswag_speed.py
+    tg.run_cli(main, lost_rank_hint="run it again")
