@@ -669,7 +669,6 @@ def peak_flops(device_type):
 # -----------------------------------------------------------------------------
 # Checkpoints and resume: atomic writes, sharded (FSDP) checkpoints, and what --resume continues from
 
-SCHEDULE_FLAGS = ("max_steps", "warmup_steps", "max_lr", "min_lr")  # a resumed run may change them
 CHECKPOINT_NAME = re.compile(r"model_(\d+)\.(pt|dcp)$")  # .dcp: a folder of FSDP shards
 CHECKPOINT_TMP = re.compile(r"model_\d+\.(pt\.tmp\d+|dcp\.tmp)$")  # what save_checkpoint and FSDP write first
 
@@ -1165,7 +1164,8 @@ def plan_start(args, model, optimizer, scaler, train_loader, T, device_type, say
     if args.eval_every and ckpt.get("val_rows", val_rows) != val_rows:
         say(f"warning: the checkpoint's run evaluated {ckpt['val_rows']} val sequences, this one {val_rows} "
             "(--val_steps x --batch_size x processes): the val loss changes at the resume")
-    changed = [f"--{name} {run_args[name]:g} -> {getattr(args, name):g}" for name in SCHEDULE_FLAGS
+    changed = [f"--{name} {run_args[name]:g} -> {getattr(args, name):g}"
+               for name in ("max_steps", "warmup_steps", "max_lr", "min_lr")
                if isinstance(run_args.get(name), (int, float)) and run_args[name] != getattr(args, name)]
     if changed and start_step < args.max_steps:  # meant, or defaults that changed (the presets' step counts)
         say(f"warning: the learning rate schedule changes at the resume ({', '.join(changed)})")
@@ -1310,8 +1310,10 @@ def apply_preset(args):
             setattr(args, name, value)
     # the schedule in tokens, as the lecture took it from GPT-3: 10B tokens (FineWeb-Edu's sample), 375M of warmup
     tokens_per_step = MODELS[args.model][4]  # the preset's, so the lecture's small debug batches keep 19073 and 715
-    args.max_steps = args.max_steps or round(10e9 / tokens_per_step)
-    args.warmup_steps = round(375e6 / tokens_per_step) if args.warmup_steps is None else args.warmup_steps
+    if args.max_steps is None:
+        args.max_steps = round(10e9 / tokens_per_step)
+    if args.warmup_steps is None:
+        args.warmup_steps = round(375e6 / tokens_per_step)
     args.vocab_size = args.vocab_size or 50304
     if args.init_from == "scratch":
         args.seq_len = args.seq_len or args.block_size
