@@ -349,7 +349,8 @@ def parse_args(argv=None):
                                 formatter_class=HelpFormatter)
     p.error = usage_error
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("-m", "--model", help="HF name (gpt2, gpt2-medium, ...) or a folder saved by save_pretrained")
+    which.add_argument("-m", "--model", help="HF GPT-2: a name (gpt2, gpt2-medium, ...), a hub id (owner/name) or "
+                       "a folder saved by save_pretrained")
     which.add_argument("-c", "--checkpoint", help="a checkpoint of train_gpt2.py, e.g. log/model_19073.pt")
     p.add_argument("--data", help="local HellaSwag val file, jsonl or parquet (default: the hub copy, cached in "
                    "$HELLASWAG_CACHE or ./hellaswag/)")

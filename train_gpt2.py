@@ -146,6 +146,12 @@ def flops_per_token(c, T):
     return 6 * (param_count(c) - c.block_size * c.n_embd) + 12 * c.n_layer * c.n_embd * T
 
 
+def is_hf_model(name):
+    """What from_pretrained tries to load: OpenAI's names, a hub id (owner/name) that is no local path, a folder."""
+    return name in GPT2_SIZES or os.path.isdir(name) or bool(
+        re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not os.path.exists(name) and ".." not in name)
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -203,9 +209,9 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_dir):
         """OpenAI's weights through transformers: a hub name (gpt2, gpt2-medium, ...) or a local HF folder."""
-        if name_or_dir not in GPT2_SIZES and not os.path.isdir(name_or_dir):
-            raise UserError(f"unknown model '{name_or_dir}': use one of {', '.join(GPT2_SIZES)} "
-                            "or a folder saved by transformers' save_pretrained")
+        if not is_hf_model(name_or_dir):
+            raise UserError(f"unknown model '{name_or_dir}': use one of {', '.join(GPT2_SIZES)}, a hub id such as "
+                            "openai-community/gpt2, or a folder saved by transformers' save_pretrained")
         from huggingface_hub.utils import logging as hub_logging
         from transformers import GPT2LMHeadModel
         from transformers.utils import logging as hf_logging
@@ -1213,7 +1219,8 @@ def parse_args(argv=None):
     a("--n_embd", type=int, help="override the --model's embedding width")
     a("--block_size", type=int, help="context of the position embedding (default: the --model's)")
     a("--vocab_size", type=int, help="50257 padded to a multiple of 128 for fast kernels (default: 50304)")
-    a("--init_from", default="scratch", help="'scratch', or an HF GPT-2 name/folder to start from its weights")
+    a("--init_from", default="scratch", help="'scratch', or an HF GPT-2 to start from its weights: a name "
+                                          "(gpt2, ...), a hub id (owner/name) or a save_pretrained folder")
     a("--batch_size", type=int, default=64, help="micro-batch size B per process")
     a("--seq_len", type=int, help="sequence length T (default: the model's context)")
     a("--total_batch_size", type=int, help="tokens per optimizer step (default: the --model's, 2**19 for gpt2)")
@@ -1300,7 +1307,7 @@ def apply_preset(args):
         raise UserError(f"unknown --model '{args.model}': choose one of {', '.join(MODELS)}")
     if args.init_from != "scratch":  # the weights come with their architecture
         given = [n for n in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size") if getattr(args, n) is not None]
-        if given and (args.init_from in GPT2_SIZES or os.path.isdir(args.init_from)):  # else: from_pretrained's error
+        if given and is_hf_model(args.init_from):  # else: from_pretrained's error
             raise UserError(f"--init_from {args.init_from} brings its own architecture: drop --{given[0]}")
         if args.dry_run:
             raise UserError("--dry_run plans a model from scratch (--model and its overrides), not --init_from")

@@ -538,6 +538,27 @@ def test_cli_scores_checkpoint_and_hf_folder(tmp_path, hf_dir, capsys):
     assert capsys.readouterr().out.splitlines()[-1] == f"hellaswag: n=13 acc={acc:.4f} acc_norm={acc_norm:.4f}"
 
 
+def test_cli_takes_a_hub_id(tmp_path, hf_dir):
+    """-m owner/name goes to transformers as a hub id: here served offline from a hub cache holding hf_dir."""
+    import shutil
+    repo = tmp_path / "hub" / "models--someone--tiny-gpt2"
+    shutil.copytree(hf_dir, repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    data = write_jsonl(tmp_path / "val.jsonl", EXAMPLES)
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
+    run = lambda name: subprocess.run(  # noqa: E731
+        [sys.executable, "hellaswag.py", "-m", name, "--data", data, "--limit", "4", "--device", "cpu"], cwd=ROOT,
+        capture_output=True, text=True, timeout=300, env=env)
+    proc = run("someone/tiny-gpt2")
+    res = hellaswag.evaluate(GPT.from_pretrained(hf_dir).eval(), EXAMPLES[:4], "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == f"hellaswag: n=4 acc={res['acc']:.4f} acc_norm={res['acc_norm']:.4f}"
+    proc = run("someone/absent")  # not in the cache, and offline: transformers' error, in one line
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        proc.stderr.strip().splitlines()[-1]] and "cannot load 'someone/absent' with transformers" in proc.stderr
+
+
 def test_a_context_longer_than_the_model_is_cut_from_the_left(hf_dir):
     model = GPT.from_pretrained(hf_dir).eval()
     long = dict(EXAMPLES[1], ctx="word " * 200)

@@ -8,7 +8,8 @@ import torch
 from torch.nn import functional as F
 
 from helpers import ROOT, ok, save_tiny_hf_gpt2, train
-from train_gpt2 import GPT, GPTConfig, UserError, flops_per_token, generate, get_lr, param_count
+from train_gpt2 import (GPT, GPTConfig, UserError, apply_preset, flops_per_token, generate, get_lr, param_count,
+                        parse_args)
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +63,8 @@ def test_training_from_pretrained_starts_at_transformers_loss(hf_dir, tmp_path):
     r = train(run + ["--log_dir", str(tmp_path / "other"), "--n_layer", "4"])
     assert r.returncode == 1
     assert r.stderr == f"error: --init_from {hf_dir} brings its own architecture: drop --n_layer\n"
+    with pytest.raises(UserError, match="--init_from someone/gpt2 brings its own architecture: drop --n_head"):
+        apply_preset(parse_args(["--init_from", "someone/gpt2", "--n_head", "4"]))  # a hub id, before any download
     # its resume needs the --init_from, which brings the architecture: the error names it
     scratch = [a for a in run if a not in ("--init_from", hf_dir)]
     r = train(scratch + ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "64", "--log_dir",
