@@ -549,8 +549,8 @@ class DataLoader:
 # -----------------------------------------------------------------------------
 # The training loop's pieces: learning rate, one optimizer step, evaluation, sampling, MFU
 
-def get_lr(step, max_lr, min_lr, warmup_steps, max_steps):
-    """Linear warmup, then cosine decay from max_lr to min_lr at max_steps."""
+def get_lr(step, max_lr=6e-4, min_lr=6e-5, warmup_steps=715, max_steps=19073):
+    """Linear warmup, then cosine decay from max_lr to min_lr at max_steps (defaults: the lecture's 124M run)."""
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
     if step > max_steps:
@@ -1691,9 +1691,11 @@ def main(argv=None):
         dt = now - t0
         mfu = f"{100 * flops_per_gpu_step / dt / peak:.1f}%" if peak else "n/a"  # n/a: a card missing from the table
         extra = f" | mfu {mfu}" if device_type == "cuda" else ""
-        if eta_from:  # the wall time per step so far, evaluations and checkpoints included
-            eta = (args.max_steps - step - 1) * (now - eta_from[0]) / (step - eta_from[1])
-            extra += f" | eta {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m"
+        # the wall time per step so far, evaluations and checkpoints included; on this launch's first step, that
+        # step's own time (with compilation: an estimate the next steps correct)
+        per_step = (now - eta_from[0]) / (step - eta_from[1]) if eta_from else dt
+        eta = (args.max_steps - step - 1) * per_step
+        extra += f" | eta {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m"
         eta_from = eta_from or (now, step)
         say(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {dt * 1000:.2f}ms | "
             f"tok/sec {args.total_batch_size / dt:.2f}{extra}")

@@ -152,6 +152,7 @@ def test_lr_schedule():
     steps = [lr(s) for s in range(715, 19073)]
     assert all(a >= b for a, b in zip(steps, steps[1:]))  # monotone decay
     assert math.isclose(lr(100), 6e-4 * 101 / 715)
+    assert [get_lr(s) for s in (0, 714, 715, 9894, 19072)] == [lr(s) for s in (0, 714, 715, 9894, 19072)]  # defaults
 
 
 def test_forward_refuses_too_long_input():
