@@ -1221,7 +1221,8 @@ def parse_args(argv=None):
     a("--vocab_size", type=int, help="50257 padded to a multiple of 128 for fast kernels (default: 50304)")
     a("--init_from", default="scratch", help="'scratch', or an HF GPT-2 to start from its weights: a name "
                                           "(gpt2, ...), a hub id (owner/name) or a save_pretrained folder")
-    a("--batch_size", type=int, default=64, help="micro-batch size B per process")
+    a("--batch_size", type=int, help="micro-batch size B per process (default: 64 at T=1024, the lecture's 65,536 "
+                                     "tokens, or the most rows under that which divide a step's rows per process)")
     a("--seq_len", type=int, help="sequence length T (default: the model's context)")
     a("--total_batch_size", type=int, help="tokens per optimizer step (default: the --model's, 2**19 for gpt2)")
     a("--max_steps", type=int, help="optimizer steps (default: 10B tokens at the --model preset's tokens per step, "
@@ -1285,9 +1286,6 @@ def parse_args(argv=None):
     for name in ("max_lr", "min_lr", "weight_decay", "grad_clip"):
         if getattr(args, name) is not None and not 0 <= getattr(args, name) < math.inf:  # NaN fails this too
             p.error(f"--{name} must be a finite number, 0 or more")
-    for name in ("max_lr", "min_lr"):  # AdamW moves each weight by about the LR per step
-        if getattr(args, name) is not None and getattr(args, name) > 1:
-            p.error(f"--{name} must be at most 1")
     if args.num_samples > 1024:  # printed every --sample_every steps, one batch: more is a typo
         p.error("--num_samples must be at most 1024")
     if not 1 <= args.dist_timeout <= 10**6:  # c10d counts milliseconds in a C int beyond that
@@ -1366,16 +1364,17 @@ def dry_run(args, config):
     if not str(world).isdecimal() or int(world) < 1:
         raise UserError(f"WORLD_SIZE={world}: it must be a positive integer; --world_size N plans for N GPUs")
     world = int(world)
-    accum = batch_plan(args.total_batch_size, args.batch_size, args.seq_len, world, config.block_size)
+    B = micro_batch_size(args, args.seq_len, world)
+    accum = batch_plan(args.total_batch_size, B, args.seq_len, world, config.block_size)
     amp_bytes = 4 if args.dtype == "fp32" else 2
     print(f"model {args.model}: {config}\n{param_count(config):,} parameters, "
           f"{flops_per_token(config, args.seq_len) / 1e9:.2f} GFLOP per token at T={args.seq_len}, "
           f"max LR {args.max_lr:g}")
-    print(f"batch: {args.total_batch_size:,} tokens per step = {world} GPU(s) x B {args.batch_size} x "
+    print(f"batch: {args.total_batch_size:,} tokens per step = {world} GPU(s) x B {B} x "
           f"T {args.seq_len} x {accum} accumulation steps; {args.max_steps:,} steps "
           f"({args.max_steps * args.total_batch_size / 1e9:.1f}B tokens), {args.warmup_steps:,} of warmup")
     print(f"memory per GPU, estimated (GiB){'DDP':>12s}{'FSDP':>10s}")
-    plan = memory_plan(config, args.batch_size, args.seq_len, world, amp_bytes, args.activation_checkpointing,
+    plan = memory_plan(config, B, args.seq_len, world, amp_bytes, args.activation_checkpointing,
                        args.loss_chunk_rows)
     for part, (ddp, fsdp) in [*plan.items(), ("total", tuple(map(sum, zip(*plan.values()))))]:
         print(f"  {part:32s}{ddp / 2**30:10.2f}{fsdp / 2**30:10.2f}")
@@ -1390,6 +1389,17 @@ def check_ram(config):
     if 4 * param_count(config) > ram:
         raise UserError(f"the model's {param_count(config):,} parameters need {4 * param_count(config) / 2**30:,.0f} "
                         f"GiB to build, more than this machine's {ram / 2**30:,.0f} GiB of RAM (--dry_run plans sizes)")
+
+
+def micro_batch_size(args, T, world):
+    """--batch_size, or unset: the lecture's 64 x 1024 tokens as rows of T tokens, lowered to a divisor of a step's
+    rows per process (the GPT-3 presets' 2**19 tokens on 8 GPUs: 32 x 2048 x 1 accumulation step)."""
+    if args.batch_size:
+        return args.batch_size
+    most = max(1, 2**16 // T)
+    rows, rest = divmod(args.total_batch_size, T * world)
+    fits = [b for b in range(min(most, rows), 0, -1) if rows % b == 0] if not rest else []
+    return fits[0] if fits else most  # no divisor: batch_plan says which values work
 
 
 def batch_plan(total, B, T, world, block_size):
@@ -1534,7 +1544,8 @@ def main(argv=None):
     say(f"model: {config}, {model.num_params():,} parameters")
 
     # the batch
-    B, T = args.batch_size, args.seq_len or config.block_size  # --init_from: the context of its weights
+    T = args.seq_len or config.block_size  # --init_from: the context of its weights
+    B = micro_batch_size(args, T, world)
     grad_accum_steps = batch_plan(args.total_batch_size, B, T, world, config.block_size)
     say(f"total batch {args.total_batch_size:,} tokens = {world} process(es) x {B} x {T} x {grad_accum_steps} "
         "accumulation steps")

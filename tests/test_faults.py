@@ -484,6 +484,10 @@ def test_nonfinite_loss_stops_the_run_without_saving_it(tmp_path):
     assert [(s, k) for s, k, _ in records(log_dir)] == [(0, "train")]
     weights = torch.load(os.path.join(log_dir, "model_00001.pt"), weights_only=True)["model"]
     assert all(v.isfinite().all() for v in weights.values())
+    # the plain way to make a run diverge: a huge learning rate (not refused as a typo)
+    r = train(FAST + ["--max_lr", "1e6", "--warmup_steps", "0", "--max_steps", "5", "--eval_every", "0",
+                      "--log_dir", str(tmp_path / "lr")])
+    assert r.returncode == 1 and r.stderr.startswith("error: step 1: loss nan, grad norm nan: training diverged")
 
 
 def test_skip_nonfinite_leaves_weights_and_optimizer_untouched(tmp_path):

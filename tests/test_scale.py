@@ -59,6 +59,23 @@ def test_dry_run_uses_the_preset_and_its_overrides():
     assert "max LR 0.001" in out
 
 
+@pytest.mark.parametrize("model, world, plan", [
+    ("gpt2", 1, "1 GPU(s) x B 64 x T 1024 x 8"),  # the lecture's
+    ("gpt2", 64, "64 GPU(s) x B 8 x T 1024 x 1"),
+    ("gpt3-125M", 8, "8 GPU(s) x B 32 x T 2048 x 1"),  # 64 x 2048 x 8 would be twice the preset's 2**19 tokens
+    ("gpt3-2.7B", 8, "8 GPU(s) x B 32 x T 2048 x 2"),
+    ("gpt3-175B", 96, "96 GPU(s) x B 16 x T 2048 x 1"),
+])
+def test_the_default_batch_size_fits_the_preset_and_the_gpus(model, world, plan):
+    assert plan + " accumulation steps" in dry_run("--model", model, "--world_size", str(world))
+
+
+def test_a_run_without_batch_size_takes_the_default(tmp_path):
+    args = [a for a in FAST if a not in ("--batch_size", "4")]  # 256 tokens per step, T=32: 8 rows
+    r = ok(train(args + ["--max_steps", "1", "--eval_every", "0", "--log_dir", str(tmp_path / "log")]))
+    assert "total batch 256 tokens = 1 process(es) x 8 x 32 x 1 accumulation steps" in r.stdout
+
+
 def test_dry_run_memory_matches_a_measured_allocation():
     """Weights + grads + AdamW state of the 124M, as the planner says and as allocated on the CPU."""
     out = dry_run("--world_size", "1")
