@@ -1528,6 +1528,9 @@ def main(argv=None):
     rank, local_rank, world, device = setup_device(args.device, args.dist_timeout)
     master = rank == 0
     device_type = device.split(":")[0]
+    if args.fsdp and not dist.is_initialized():  # one process: FSDP and its checkpoints over a group of one
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1, timeout=timedelta(seconds=args.dist_timeout))
     say = print if master else (lambda *a, **k: None)
 
     torch.manual_seed(args.seed)
@@ -1576,8 +1579,6 @@ def main(argv=None):
     amp = autocast(amp_dtype, device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == torch.float16)
     if args.fsdp:
-        if not dist.is_initialized():
-            raise UserError("--fsdp shards over the processes of a torchrun launch: torchrun --nproc_per_node=N ...")
         if amp_dtype == torch.float16:
             raise UserError("--fsdp trains in bf16 or fp32, not fp16" + (" (--dtype auto's choice on a GPU without "
                             "bf16)" if args.dtype == "auto" else "") + ": pass --dtype fp32" +
@@ -1768,7 +1769,7 @@ def exit_with(line, status=1):
     for stream in (sys.stdout, sys.stderr):
         if stream is not None:
             stream.flush()
-    if "RANK" in os.environ:
+    if "RANK" in os.environ or dist.is_initialized():  # (a --fsdp run in one process, stopped by an error)
         os._exit(status)
     sys.exit(status)
 

@@ -331,7 +331,7 @@ def test_an_fsdp_run_cut_short_at_a_checkpoint_rewrites_only_its_meta(tmp_path, 
     shards = {name: os.stat(ckpt / name) for name in (".metadata", "__0_0.distcp")}
     (ckpt / "meta.pt.tmp4242").write_bytes(b"half")  # an earlier such rewrite, killed: the resume removes it
     run = FSDP + ["--batch_size", "8", "--fsdp", "--log_dir", str(log_dir), "--resume", "auto", "--max_steps", "3"]
-    r = torchrun(1, run)
+    r = ok(train(run))  # in one process, without torchrun
     assert "at step 3: only its final evaluations are left" in r.stdout and "validation loss" not in r.stdout
     assert {name: (s.st_ino, s.st_mtime_ns) for name, s in shards.items()} == \
         {name: (s.st_ino, s.st_mtime_ns) for name, s in ((n, os.stat(ckpt / n)) for n in shards)}
@@ -341,9 +341,14 @@ def test_an_fsdp_run_cut_short_at_a_checkpoint_rewrites_only_its_meta(tmp_path, 
     assert "at step 3: the run is complete, nothing left to train" in torchrun(1, run).stdout
 
 
+def test_fsdp_in_one_process_without_torchrun(tmp_path, fsdp_run):
+    ok(train(FSDP + ["--batch_size", "8", "--fsdp", "--log_dir", str(tmp_path)]))  # a process group of one
+    one, alone = records(str(fsdp_run / "one")), records(str(tmp_path))
+    assert [r[:2] for r in one] == [r[:2] for r in alone] and all(abs(a[2] - b[2]) < 1e-5 for a, b in zip(one, alone))
+    assert sorted(os.listdir(tmp_path)) == ["log.txt", "model_00003.dcp", "model_00006.dcp"]
+
+
 def test_fsdp_refusals(tmp_path, fsdp_run):
-    r = train(FSDP + ["--batch_size", "8", "--fsdp", "--log_dir", str(tmp_path / "a")])
-    assert r.returncode == 1 and "torchrun" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = train(FSDP + ["--batch_size", "8", "--log_dir", str(tmp_path / "b"), "--resume",
                       str(fsdp_run / "two" / "model_00003.dcp")])
     assert r.returncode == 1 and "with --fsdp" in r.stderr
