@@ -698,13 +698,20 @@ def save_checkpoint(path, state):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
-        cause = e if isinstance(e, OSError) else e.__context__  # torch.save may wrap the OSError
-        if not isinstance(cause, OSError):
+        cause = os_error_in(e)  # torch.save may wrap the OSError
+        if cause is None:
             raise
         raise UserError(f"cannot write checkpoint {path}: {cause.strerror or cause}")
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def os_error_in(e):
+    """The OSError that e is, or that it was raised from or while handling (torch wraps them), or None."""
+    while e is not None and not isinstance(e, OSError):
+        e = e.__cause__ or e.__context__
+    return e
 
 
 class UnreadableCheckpoint(UserError):
@@ -823,8 +830,11 @@ def save_sharded_checkpoint(path, model, optimizer, meta):
     model_state, optim_state = get_state_dict(model, optimizer)
     tmp, master = path + ".tmp", dist.get_rank() == 0
     error = None
+    bad = nonfinite_weight({k: v.to_local() if hasattr(v, "to_local") else v for k, v in model_state.items()})
     try:
-        if master and os.path.exists(tmp):
+        if bad is not None:  # in this rank's shards; every rank refuses (gather_outcomes)
+            error = f"not writing {path}: its weight {bad} holds inf or NaN"
+        elif master and os.path.exists(tmp):
             shutil.rmtree(tmp)
     except OSError as e:
         error = f"cannot write checkpoint {path}: {e}"
@@ -833,7 +843,7 @@ def save_sharded_checkpoint(path, model, optimizer, meta):
         try:
             dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
         except dcp.api.CheckpointException as e:  # raised on every rank, holding each failed rank's exception
-            raise UserError(checkpoint_error(e, f"cannot write checkpoint {path}"))
+            raise UserError(checkpoint_error(e, f"cannot write checkpoint {path}", tmp))
         if master:
             save_checkpoint(os.path.join(tmp, "meta.pt"), meta)
             if os.path.exists(path):
@@ -884,11 +894,17 @@ def gather_outcomes(error, choice=None):
     return [c for _, c in outcomes]
 
 
-def checkpoint_error(e, what):
-    """One line for a CheckpointException: what failed, and the first rank's OSError (or its exception)."""
+def checkpoint_error(e, what, folder=None):
+    """One line for a CheckpointException: what failed, and the first rank's OSError, or else its exception. A
+    write to a full disk can fail in torch.save's stream writer as a RuntimeError of its own, which the ranks
+    exchange without its cause: so a folder (being written) with under 1 MiB free is said to be full."""
     errors = [exc for exc, _ in e.failures.values()]
-    cause = next((x for x in errors if isinstance(x, OSError)), errors[0] if errors else e)
-    return f"{what}: {cause.strerror if isinstance(cause, OSError) and cause.strerror else type(cause).__name__}"
+    cause = next(filter(None, map(os_error_in, errors)), errors[0] if errors else e)
+    if isinstance(cause, OSError) and cause.strerror:
+        return f"{what}: {cause.strerror}"
+    if folder and os.path.isdir(folder) and shutil.disk_usage(folder).free < 2**20:
+        return f"{what}: {os.strerror(errno.ENOSPC)}"
+    return f"{what}: {type(cause).__name__} ({first_line(cause)})"
 
 
 def load_sharded_state(path, model, optimizer=None):

@@ -1,5 +1,6 @@
 """Scale-out: GPT-3 presets, the memory planner, FSDP2 equal to one process, sharded checkpoints that resume."""
 import argparse
+import errno
 import json
 import os
 import shutil
@@ -10,7 +11,7 @@ import torch
 
 import train_gpt2
 from helpers import FAST, TINY, ok, records, run_script, train
-from train_gpt2 import GPT, MODELS, GPTConfig, memory_plan, param_count
+from train_gpt2 import GPT, MODELS, GPTConfig, checkpoint_error, memory_plan, param_count
 
 # Brown et al. 2020, Table 2.1: nominal sizes, and the paper's batch (tokens) and learning rate
 GPT3 = {"gpt3-125M": (125e6, 0.5e6, 6e-4), "gpt3-350M": (350e6, 0.5e6, 3e-4), "gpt3-760M": (760e6, 0.5e6, 2.5e-4),
@@ -242,6 +243,36 @@ def test_full_disk_while_checkpointing_on_two_ranks(fsdp_run, tmp_path, at):
         one, two = records(str(fsdp_run / "one")), records(str(log_dir))
         assert [r[:2] for r in one] == [r[:2] for r in two]
         assert all(abs(a[2] - b[2]) < 1e-5 for a, b in zip(one, two)), (one, two)
+
+
+def test_fsdp_never_writes_weights_that_are_not_finite(tmp_path):
+    """A weight decay beyond fp32's range makes step 0's update inf while its loss and grad norm are still finite:
+    every rank refuses the checkpoint after it, as a single process refuses a .pt one."""
+    log_dir = tmp_path / "log"
+    r = run_script([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    "train_gpt2.py", *FSDP, "--batch_size", "4", "--fsdp", "--log_dir", str(log_dir), "--max_steps", "3",
+                    "--warmup_steps", "0", "--max_lr", "1", "--weight_decay", "1e39", "--checkpoint_every", "1",
+                    "--eval_every", "0"])
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode != 0 and errors == [f"error: not writing {log_dir}/model_00001.dcp: its weight "
+                                            "transformer.wte.weight holds inf or NaN"] * 2, r.stderr
+    assert sorted(os.listdir(log_dir)) == ["log.txt"]
+
+
+def test_a_failed_sharded_write_names_its_cause(tmp_path, monkeypatch):
+    """torch.save's stream writer can fail on a full disk with a RuntimeError of its own, which reaches the
+    CheckpointException without the OSError behind it: the free space of the folder being written tells."""
+    from torch.distributed.checkpoint.api import CheckpointException
+    short = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    e = CheckpointException("save failed", {0: (short, None)})
+    assert checkpoint_error(e, "cannot write x", str(tmp_path)) == \
+        "cannot write x: RuntimeError ([enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598)"
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**30, 2**30, 4096))
+    assert checkpoint_error(e, "cannot write x", str(tmp_path)) == "cannot write x: No space left on device"
+    wrapped = RuntimeError("file write failed")  # a cause that came with it is named whatever the free space
+    wrapped.__context__ = OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+    assert checkpoint_error(CheckpointException("", {1: (wrapped, None)}), "cannot write x", str(tmp_path)) == \
+        "cannot write x: Disk quota exceeded"
 
 
 def test_fsdp_truncated_shard_is_one_line(fsdp_run, tmp_path):
