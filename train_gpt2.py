@@ -1531,9 +1531,9 @@ STOP = {"armed": False, "signal": None}
 
 
 def request_stop(signum, frame):
+    STOP["signal"] = signal.Signals(signum).name
     if not STOP["armed"]:
         raise KeyboardInterrupt
-    STOP["signal"] = signal.Signals(signum).name
 
 
 def main(argv=None):
@@ -1669,24 +1669,33 @@ def main(argv=None):
             save(step, path, evals_done=False)
             saved = True
         if last_step and (saved or first):
-            STOP["armed"] = False
-            if STOP["signal"]:  # it came while that checkpoint was written
+            STOP["armed"] = False  # the training is saved: a signal now stops the final evaluations at once
+        try:
+            if STOP["signal"] and not STOP["armed"]:  # it came while that checkpoint was written
                 raise KeyboardInterrupt
-        if not stop:
-            if todo(args.eval_every):
-                val_loss = evaluate_loss(compiled, val_loader, args.val_steps, amp, device)
-                say(f"validation loss: {val_loss:.4f}")
-                log(f"{step} val {val_loss:.6f}")
-            if todo(args.hellaswag_every):
-                res = hellaswag.evaluate(compiled, hella_examples, device, amp=amp, rank=rank, world_size=world)
-                say(f"HellaSwag accuracy: {res['acc_norm']:.4f} (acc {res['acc']:.4f}, n={res['n']})")
-                log(f"{step} hella {res['acc_norm']:.4f}")
-            if (step > 0 or last_step) and todo(args.sample_every):
-                generator = torch.Generator(device=device).manual_seed(42 + rank)
-                rows = generate(model, prompt, args.num_samples, args.sample_length, device, generator, amp,
-                                enc.n_vocab)
-                for i, row in enumerate(rows):
-                    print(f"rank {rank} sample {i}: {enc.decode(row)}")
+            if not stop:
+                if todo(args.eval_every):
+                    val_loss = evaluate_loss(compiled, val_loader, args.val_steps, amp, device)
+                    say(f"validation loss: {val_loss:.4f}")
+                    log(f"{step} val {val_loss:.6f}")
+                if todo(args.hellaswag_every):
+                    res = hellaswag.evaluate(compiled, hella_examples, device, amp=amp, rank=rank, world_size=world)
+                    say(f"HellaSwag accuracy: {res['acc_norm']:.4f} (acc {res['acc']:.4f}, n={res['n']})")
+                    log(f"{step} hella {res['acc_norm']:.4f}")
+                if (step > 0 or last_step) and todo(args.sample_every):
+                    generator = torch.Generator(device=device).manual_seed(42 + rank)
+                    rows = generate(model, prompt, args.num_samples, args.sample_length, device, generator, amp,
+                                    enc.n_vocab)
+                    for i, row in enumerate(rows):
+                        print(f"rank {rank} sample {i}: {enc.decode(row)}")
+        except KeyboardInterrupt:
+            if STOP["armed"] or not STOP["signal"]:  # not request_stop's (Ctrl-C in a caller without its handler)
+                raise
+            say(f"stopped at step {step} by {STOP['signal']} during its final evaluations; checkpoint "
+                f"{resumed_from if first else path}; resume with --resume auto")
+            unlock_log_dir()  # no barrier: the other ranks may have been stopped inside a collective
+            return
+        STOP["armed"] = True  # a signal during the rewrite below has nothing left to stop
         # written again where the final evaluations were added, so the next resume knows they are in the log
         refresh = first and last_step and evaluated_under != step
         if step > 0 and (not first or refresh) and (stop or last_step or due(args.checkpoint_every)):
@@ -1747,7 +1756,7 @@ def run_cli(main, memory_hint="use a smaller --batch_size",
             stream.reconfigure(errors="backslashreplace")
     try:
         main()
-        if "RANK" in os.environ:  # a rank of a launch: leave as exit_with does
+        if "RANK" in os.environ or dist.is_initialized():  # a rank of a launch (or one left in a group): as exit_with
             exit_with(None, 0)
     except (UserError, OSError) as e:
         exit_with(f"error: {e}")

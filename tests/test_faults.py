@@ -292,8 +292,8 @@ def test_a_checkpoint_that_does_not_fit_its_config_is_one_line(tmp_path, referen
 
 def test_a_signal_during_the_final_evaluations_stops_them_with_the_training_saved(tmp_path):
     """The last step's checkpoint is written before its final evaluations (HellaSwag takes minutes, longer than
-    torchrun's grace before SIGKILL), marked as without them; a signal then interrupts them at once, and a
-    resume makes only them."""
+    torchrun's grace before SIGKILL), marked as without them; a signal then stops them at once (exit 0, saying
+    how to resume), and a resume makes only them."""
     log_dir = str(tmp_path / "log")
     run = FAST + ["--checkpoint_every", "0", "--log_dir", log_dir]
     ok(train(run + ["--max_steps", "2", "--eval_every", "0"]))
@@ -302,9 +302,10 @@ def test_a_signal_during_the_final_evaluations_stops_them_with_the_training_save
     slow = Run([sys.executable, "train_gpt2.py", *final, "--val_steps", "100000"], str(tmp_path))
     slow.wait_until(lambda: os.path.exists(os.path.join(log_dir, "model_00004.pt")))
     slow.kill(signal.SIGTERM)
-    assert slow.wait(timeout=60) == 130
+    assert slow.wait(timeout=60) == 0
     out, err = slow.output()
-    assert err.splitlines()[-1] == "interrupted" and "validation loss" not in out
+    assert out.splitlines()[-1] == f"stopped at step 4 by SIGTERM during its final evaluations; checkpoint " \
+        f"{log_dir}/model_00004.pt; resume with --resume auto" and "validation loss" not in out and not err
     assert checkpoint(log_dir, 4)["evals_done"] is False
     assert [(s, k) for s, k, _ in records(log_dir)] == [(0, "train"), (1, "train"), (2, "train"), (3, "train")]
     r = ok(train(final + ["--val_steps", "2"]))
@@ -313,7 +314,7 @@ def test_a_signal_during_the_final_evaluations_stops_them_with_the_training_save
     assert checkpoint(log_dir, 4)["evals_done"] is True
 
 
-def test_a_signal_while_the_last_checkpoint_is_written_interrupts_the_final_evaluations(tmp_path, monkeypatch):
+def test_a_signal_while_the_last_checkpoint_is_written_stops_the_final_evaluations(tmp_path, monkeypatch, capsys):
     """Held until the end of the next step, a signal come while the last step's checkpoint was written, before
     its evaluations, was never acted on: no step follows."""
     sent, log_dir, write = [], tmp_path / "log", train_gpt2.write_checkpoint
@@ -325,11 +326,12 @@ def test_a_signal_while_the_last_checkpoint_is_written_interrupts_the_final_eval
     monkeypatch.setattr(train_gpt2, "write_checkpoint", sigterm_then_write)
     handler = signal.signal(signal.SIGTERM, train_gpt2.request_stop)
     try:
-        with pytest.raises(KeyboardInterrupt):
-            train_gpt2.main(FAST + ["--max_steps", "2", "--eval_every", "2", "--checkpoint_every", "0", "--log_dir",
-                                    str(log_dir)])
+        train_gpt2.main(FAST + ["--max_steps", "2", "--eval_every", "2", "--checkpoint_every", "0", "--log_dir",
+                                str(log_dir)])
     finally:
         signal.signal(signal.SIGTERM, handler)
+    assert capsys.readouterr().out.splitlines()[-1] == "stopped at step 2 by SIGTERM during its final evaluations; " \
+        f"checkpoint {log_dir}/model_00002.pt; resume with --resume auto"
     assert sent and [(s, k) for s, k, _ in records(str(log_dir))] == [(0, "val"), (0, "train"), (1, "train")]
     assert checkpoint(str(log_dir), 2)["evals_done"] is False
 
