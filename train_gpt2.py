@@ -147,9 +147,11 @@ def flops_per_token(c, T):
 
 
 def is_hf_model(name):
-    """What from_pretrained tries to load: OpenAI's names, a hub id (owner/name) that is no local path, a folder."""
+    """What from_pretrained tries to load: OpenAI's names, a folder, or what reads as a hub id (owner/name) and
+    not as a local path (./x, a file, a checkpoint of ours)."""
+    hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", name) and ".." not in name
     return name in GPT2_SIZES or os.path.isdir(name) or bool(
-        re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not os.path.exists(name) and ".." not in name)
+        hub_id and not os.path.exists(name) and not name.endswith((".pt", ".dcp")))
 
 
 class GPT(nn.Module):
@@ -1542,11 +1544,20 @@ def main(argv=None):
     if args.dry_run:
         return dry_run(args, scratch_config)
     rank, local_rank, world, device = setup_device(args.device, args.dist_timeout)
+    group_of_one = args.fsdp and not dist.is_initialized()
+    if group_of_one:  # one process, without torchrun: FSDP and its checkpoints over a group of one
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1, timeout=timedelta(seconds=args.dist_timeout))
+    try:
+        train(args, scratch_config, rank, local_rank, world, device)
+    finally:  # however it ends: a caller (a test) may run main() again in this process
+        if group_of_one and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(args, scratch_config, rank, local_rank, world, device):
     master = rank == 0
     device_type = device.split(":")[0]
-    if args.fsdp and not dist.is_initialized():  # one process: FSDP and its checkpoints over a group of one
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
-                                world_size=1, timeout=timedelta(seconds=args.dist_timeout))
     say = print if master else (lambda *a, **k: None)
 
     torch.manual_seed(args.seed)
@@ -1756,7 +1767,7 @@ def run_cli(main, memory_hint="use a smaller --batch_size",
             stream.reconfigure(errors="backslashreplace")
     try:
         main()
-        if "RANK" in os.environ or dist.is_initialized():  # a rank of a launch (or one left in a group): as exit_with
+        if "RANK" in os.environ:  # a rank of a launch: leave as exit_with does
             exit_with(None, 0)
     except (UserError, OSError) as e:
         exit_with(f"error: {e}")
@@ -1794,7 +1805,7 @@ def exit_with(line, status=1):
     for stream in (sys.stdout, sys.stderr):
         if stream is not None:
             stream.flush()
-    if "RANK" in os.environ or dist.is_initialized():  # (a --fsdp run in one process, stopped by an error)
+    if "RANK" in os.environ:
         os._exit(status)
     sys.exit(status)
 

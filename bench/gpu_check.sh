@@ -46,9 +46,17 @@ else
     TRAIN=(--total_batch_size 131072 --hellaswag_every 10)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 fi
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+# the Python with torch: $PYTHON, else python3, else (the CPU smoke run, a virtual environment not activated) .venv's
+PYTHON_BIN=${PYTHON:-python3}
+if [ -z "${PYTHON:-}" ] && ! python3 -c "import torch" 2>/dev/null && [ -x .venv/bin/python ]; then
+    PYTHON_BIN=.venv/bin/python
+fi
+"$PYTHON_BIN" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" 2>/dev/null || {
+    echo "error: $PYTHON_BIN cannot import torch: set PYTHON to the interpreter of the environment that has it" >&2
+    exit 1
+}
 
-python3 - "$DATA" <<'PY' || { echo "error: writing the random token shards failed (see above)" >&2; exit 1; }
+"$PYTHON_BIN" - "$DATA" <<'PY' || { echo "error: writing the random token shards failed (see above)" >&2; exit 1; }
 import sys
 import numpy as np
 rng = np.random.default_rng(0)
@@ -56,7 +64,7 @@ np.save(f"{sys.argv[1]}/random_val_000000.npy", rng.integers(0, 50257, 4_000_000
 np.save(f"{sys.argv[1]}/random_train_000001.npy", rng.integers(0, 50257, 20_000_000, dtype=np.uint16))
 PY
 # HellaSwag-like examples, tokenized: without the tokenizer stage 2 cannot run, but stage 1 still does
-python3 - "$DATA" "$([ "$SMOKE" = 1 ] && echo 64 || echo 2000)" <<'PY' \
+"$PYTHON_BIN" - "$DATA" "$([ "$SMOKE" = 1 ] && echo 64 || echo 2000)" <<'PY' \
     || { echo "error: making the HellaSwag examples failed (see above): stage 2 is skipped" >&2; failed=1; }
 import json, sys
 sys.path.insert(0, "bench")
@@ -67,7 +75,7 @@ with open(f"{sys.argv[1]}/hellaswag.jsonl", "w") as f:
 PY
 
 echo "== 1. the training step against the lecture's"
-timeout -k 20 $((END - TRAIN_CAP - SECONDS)) python3 bench/train_speed.py --baseline --variants "${VARIANTS[@]}" \
+timeout -k 20 $((END - TRAIN_CAP - SECONDS)) "$PYTHON_BIN" bench/train_speed.py --baseline --variants "${VARIANTS[@]}" \
     "${SIZE[@]}" "${BENCH[@]}" > "$OUT/train_speed.log" 2>&1
 status=$?; [ $status = 0 ] || failed=1
 echo "exit $status (124: cut at the time limit)"
@@ -77,7 +85,7 @@ grep -v "^ *losses\|^USDT\|^STAGE:\|^Compiled module path" "$OUT/train_speed.log
 echo "== 2. compiled training with the trainer's defaults and evaluations in the loop"
 left=$((END - SECONDS - 20))  # SIGTERM makes the trainer finish its step and write a checkpoint: 20 s for that
 TORCHINDUCTOR_CACHE_DIR="$LOGDIR/inductor" TORCH_LOGS=recompiles timeout -k 20 $((left > 10 ? left : 10)) \
-    python3 train_gpt2.py --data "$DATA" --max_steps 20 --eval_every 10 --val_steps 5 \
+    "$PYTHON_BIN" train_gpt2.py --data "$DATA" --max_steps 20 --eval_every 10 --val_steps 5 \
     --hellaswag_data "$DATA/hellaswag.jsonl" --sample_every 10 --checkpoint_every 10 \
     --log_dir "$LOGDIR" "${SIZE[@]}" "${TRAIN[@]}" > "$OUT/train.log" 2>&1
 status=$?; [ $status = 0 ] || failed=1

@@ -1,5 +1,6 @@
 """The model is GPT-2: logits equal transformers' GPT-2 on the same weights; init, optimizer and LR as the lecture."""
 import math
+import re
 import os
 
 import numpy as np
@@ -87,6 +88,9 @@ def test_from_pretrained_refuses_other_layouts(tmp_path):
             GPT.from_pretrained(str(tmp_path / field))
     with pytest.raises(UserError, match="unknown model 'gpt5'"):
         GPT.from_pretrained("gpt5")
+    for path in ("./typo", str(tmp_path / "missing"), "log/model_00010.pt"):  # paths, not hub ids: no download
+        with pytest.raises(UserError, match=f"unknown model '{re.escape(path)}'"):
+            GPT.from_pretrained(path)
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="cannot load"):
         GPT.from_pretrained(str(tmp_path / "empty"))

@@ -93,7 +93,7 @@ def test_play_notebook(play_env, monkeypatch):
     # Part 1: the same network
     assert f"parameters: HF {n_params:,}, ours {n_params:,}\n" in printed
     assert "transformer.h.0.attn.c_attn.weight" in printed and "transformer.h.1." not in printed
-    assert "... and 1 more block(s) like block 0: 12 tensors, all equal\n" in printed  # compared, not listed
+    assert "... and 1 more block(s) like block 0: 12 more tensors equal (the Conv1D ones transposed)\n" in printed
     # all four Conv1D weights (c_attn, both c_proj, c_fc) came over transposed, every other tensor as is
     assert printed.count("  equal, transposed\n") == 4 and "DIFFERENT" not in printed
     diff = re.search(r"^max abs logit difference: (\S+)$", printed, re.M)

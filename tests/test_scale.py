@@ -6,6 +6,8 @@ import os
 import shutil
 import sys
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -373,10 +375,22 @@ def test_an_fsdp_run_cut_short_at_a_checkpoint_rewrites_only_its_meta(tmp_path, 
 
 
 def test_fsdp_in_one_process_without_torchrun(tmp_path, fsdp_run):
-    ok(train(FSDP + ["--batch_size", "8", "--fsdp", "--log_dir", str(tmp_path)]))  # a process group of one
-    one, alone = records(str(fsdp_run / "one")), records(str(tmp_path))
+    ok(train(FSDP + ["--batch_size", "8", "--fsdp", "--log_dir", str(tmp_path / "log")]))  # a process group of one
+    one, alone = records(str(fsdp_run / "one")), records(str(tmp_path / "log"))
     assert [r[:2] for r in one] == [r[:2] for r in alone] and all(abs(a[2] - b[2]) < 1e-5 for a, b in zip(one, alone))
-    assert sorted(os.listdir(tmp_path)) == ["log.txt", "model_00003.dcp", "model_00006.dcp"]
+    assert sorted(os.listdir(tmp_path / "log")) == ["log.txt", "model_00003.dcp", "model_00006.dcp"]
+    # HellaSwag from its cache (what a launch's local rank 0 downloads) in the group of one
+    (tmp_path / "cache").mkdir()
+    example = {"ctx": "A man walks", "endings": ["a dog.", "a cat ran.", "then it rained.", "she left."], "label": "1"}
+    pq.write_table(pa.Table.from_pylist([example] * 3), tmp_path / "cache" / "hellaswag_val.parquet")
+    ok(train(FSDP + ["--batch_size", "8", "--fsdp", "--max_steps", "1", "--hellaswag_every", "1", "--log_dir",
+                     str(tmp_path / "hella")], env={"HELLASWAG_CACHE": str(tmp_path / "cache")}))
+    assert [k for _, k, _ in records(str(tmp_path / "hella"))] == ["val", "hella", "train", "val", "hella"]
+    # main() in this process: the group it made is gone however main ends, here by an error after making it
+    with pytest.raises(train_gpt2.UserError, match="no data at"):
+        train_gpt2.main(FSDP + ["--batch_size", "8", "--fsdp", "--data", str(tmp_path / "none"), "--log_dir",
+                                str(tmp_path / "x")])
+    assert not torch.distributed.is_initialized()
 
 
 def test_fsdp_refusals(tmp_path, fsdp_run):
