@@ -292,9 +292,10 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
     def forward(ctx, x, weight, targets, rows, dtype, want_grads):
         n = x.size(0)
         w = weight.to(dtype)
-        loss = torch.zeros((), device=x.device)
+        acc = torch.promote_types(dtype, torch.float32)  # what the softmax is computed in: fp32 (fp64 for fp64)
+        losses = torch.empty(n, device=x.device, dtype=acc)  # by row: their mean rounds as F.cross_entropy's
         grad_x = torch.empty_like(x) if want_grads else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_grads else None
+        grad_w = torch.zeros_like(weight, dtype=acc) if want_grads else None
         # compiled, the one-hot goes by comparison with the column index, which inductor fuses with the exp and
         # the cast; a scatter would make it write the chunk's softmax in fp32 and read it back. Eager, a
         # comparison would make a chunk-sized mask, so there the one-hot is scattered in place
@@ -302,9 +303,9 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
         columns = torch.arange(weight.size(0), device=x.device) if fused else None
         for i in range(0, n, rows):
             xc, tc = x[i:i + rows].to(dtype), targets[i:i + rows, None]
-            logits = (xc @ w.t()).float()
+            logits = (xc @ w.t()).to(acc)
             lse = torch.logsumexp(logits, dim=1, keepdim=True)
-            loss += (lse - logits.gather(1, tc)).sum()
+            losses[i:i + rows] = (lse - logits.gather(1, tc)).squeeze(1)
             if want_grads:
                 # d(loss sum)/d(logits) = softmax - one-hot, not yet divided by n: in fp16, small probabilities
                 # divided by n would underflow. In place: the chunk's fp32 logits are not needed after the loss
@@ -318,7 +319,7 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
         if want_grads:
             ctx.save_for_backward(grad_x, grad_w)
             ctx.n, ctx.weight_dtype = n, weight.dtype
-        return loss / n
+        return losses.mean()
 
     @staticmethod
     def backward(ctx, grad_loss):

@@ -275,7 +275,8 @@ def main():
     if args.device.startswith("cuda"):
         torch.set_float32_matmul_precision("high")
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
-    print(f"model {args.model}: {model_config(args)}\nB={args.batch_size}, T={args.seq_len}, "
+    flops_per_token = tg.flops_per_token(config, args.seq_len)  # 855 MFLOP for 124M at T=1024
+    print(f"model {args.model}: {config}, {flops_per_token / 1e6:.2f} MFLOP/token\nB={args.batch_size}, T={args.seq_len}, "
           f"{args.total_batch_size:,} tokens/step, compile={args.compile}, "
           f"{'shards ' + args.data if args.data else 'random tokens'}, "
           f"{args.warmup}+{args.steps} steps", flush=True)
@@ -307,11 +308,11 @@ def main():
             print(f"(the ratios and |dloss| below are against {name}, as {args.variants[0]} failed)", flush=True)
         first = first or (tok_s, losses)
         mfu = f"{100 * flops * tok_s / peak:5.1f}%" if peak else "  n/a"
-        memory = f"{mem[0] / 2**30:6.2f} ({mem[1] / 2**30:6.2f}) GiB" if mem else "n/a"
+        memory = f"{mem[0] / 2**30:6.2f} GiB ({mem[1] / 2**30:6.2f} reserved)" if mem else "n/a"
         diffs = [abs(a - b) for a, b in zip(losses, first[1])]
         diff = next((d for d in diffs if not math.isfinite(d)), max(diffs))  # max() would pass over a NaN
-        print(f"{name:{width}s} {dt * 1000:8.1f} ms/step {tok_s:11,.0f} tok/s {flops * tok_s / 1e12:6.1f} TFLOP/s "
-              f"MFU {mfu}  mem {memory}  |dloss| {diff:.4f}  {tok_s / first[0]:.3f}x", flush=True)
+        print(f"{name:{width}s} {dt * 1000:8.1f} ms/step {tok_s:9.0f} tok/s {flops * tok_s / 1e12:7.4g} TFLOP/s "
+              f"MFU {mfu}  peak mem {memory}  |dloss| {diff:.4f}  {tok_s / first[0]:.3f}x", flush=True)
         print(f"{'':{width}s} losses {' '.join(f'{x:.4f}' for x in losses)}", flush=True)
         for line in report:
             print(line, flush=True)

@@ -42,6 +42,19 @@ def test_loss_and_gradients_equal_the_plain_ones_in_fp32(rows):
         assert (a - b).abs().max().item() <= 1e-6 * max(1.0, b.abs().max().item())
 
 
+@pytest.mark.parametrize("rows", [3, 20])
+def test_in_fp64_it_is_fp64_and_passes_gradcheck(rows):
+    """The gradients come out of the forward, the backward only scales them: autograd's numerical check, with
+    an upstream gradient that is not 1, on a vocabulary where every row's target and the rest all matter."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 11, (20,), generator=g)
+    loss = chunked_cross_entropy(x, w, targets, rows)
+    assert loss.dtype == torch.float64 and abs(loss.item() - F.cross_entropy(x @ w.t(), targets).item()) < 1e-12
+    assert torch.autograd.gradcheck(lambda a, b: 2.5 * chunked_cross_entropy(a, b, targets, rows), (x, w))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_under_autocast_it_matches_the_plain_loss_to_the_dtypes_rounding(dtype):
     amp = torch.autocast("cpu", dtype=dtype)
