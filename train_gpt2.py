@@ -1383,8 +1383,7 @@ def dry_run(args, config):
     if not str(world).isdecimal() or int(world) < 1:
         raise UserError(f"WORLD_SIZE={world}: it must be a positive integer; --world_size N plans for N GPUs")
     world = int(world)
-    B = micro_batch_size(args, args.seq_len, world)
-    accum = batch_plan(args.total_batch_size, B, args.seq_len, world, config.block_size)
+    B, accum = batch_plan(args.total_batch_size, args.batch_size, args.seq_len, world, config.block_size)
     amp_bytes = 4 if args.dtype == "fp32" else 2
     print(f"model {args.model}: {config}\n{param_count(config):,} parameters, "
           f"{flops_per_token(config, args.seq_len) / 1e9:.2f} GFLOP per token at T={args.seq_len}, "
@@ -1410,28 +1409,25 @@ def check_ram(config):
                         f"GiB to build, more than this machine's {ram / 2**30:,.0f} GiB of RAM (--dry_run plans sizes)")
 
 
-def micro_batch_size(args, T, world):
-    """--batch_size, or unset: the lecture's 64 x 1024 tokens as rows of T tokens, lowered to a divisor of a step's
-    rows per process (the GPT-3 presets' 2**19 tokens on 8 GPUs: 32 x 2048 x 1 accumulation step)."""
-    if args.batch_size:
-        return args.batch_size
-    most = max(1, 2**16 // T)
-    rows, rest = divmod(args.total_batch_size, T * world)
-    fits = [b for b in range(min(most, rows), 0, -1) if rows % b == 0] if not rest else []
-    return fits[0] if fits else most  # no divisor: batch_plan says which values work
-
-
 def batch_plan(total, B, T, world, block_size):
-    """Gradient-accumulation steps so that world * B * T * steps == total, or a UserError naming fixes."""
+    """(B, gradient-accumulation steps) so that world * B * T * steps == total, or a UserError naming fixes. B None
+    (--batch_size unset): the lecture's 64 x 1024 tokens as rows of T, lowered to a divisor of a step's rows per
+    process (the GPT-3 presets' 2**19 tokens on 8 GPUs: 32 x 2048, no accumulation)."""
     if T > block_size:
         raise UserError(f"--seq_len {T} exceeds the model's block_size {block_size}")
+    n, rest = divmod(total, T * world)  # a step's rows per process
+    if B is None:
+        if rest or not n:  # no B fits: name the totals that one would
+            raise UserError(f"--total_batch_size {total} is not a multiple of {world} process(es) x T {T} = "
+                            f"{T * world} tokens: try --total_batch_size {(n + 1) * T * world}"
+                            + (f" or {n * T * world}" if n else ""))
+        B = next(b for b in range(min(max(1, 2**16 // T), n), 0, -1) if n % b == 0)
     per_micro = B * T * world
     if total % per_micro == 0:
-        return total // per_micro
+        return B, total // per_micro
     lower, upper = (total // per_micro) * per_micro, (total // per_micro + 1) * per_micro
     hint = f"try --total_batch_size {upper}" + (f" or {lower}" if lower else "")
-    if total % (T * world) == 0:  # the largest B <= --batch_size that divides total / (T x world)
-        n = total // (T * world)
+    if not rest:  # the largest B <= --batch_size that divides the rows
         small = [d for d in range(1, min(B, math.isqrt(n), 10**6) + 1) if n % d == 0]  # capped: only a hint
         hint += f", or --batch_size {max(d2 for d in small for d2 in (d, n // d) if d2 <= B)}"
     raise UserError(f"--total_batch_size {total} is not divisible by {world} process(es) x B {B} x T {T} "
@@ -1576,8 +1572,7 @@ def train(args, scratch_config, rank, local_rank, world, device):
 
     # the batch
     T = args.seq_len or config.block_size  # --init_from: the context of its weights
-    B = micro_batch_size(args, T, world)
-    grad_accum_steps = batch_plan(args.total_batch_size, B, T, world, config.block_size)
+    B, grad_accum_steps = batch_plan(args.total_batch_size, args.batch_size, T, world, config.block_size)
     say(f"total batch {args.total_batch_size:,} tokens = {world} process(es) x {B} x {T} x {grad_accum_steps} "
         "accumulation steps")
 

@@ -180,7 +180,7 @@ def measure(name, args, shards, device):
     B, T = args.batch_size, args.seq_len
     if lever.get("fp8", defaults.fp8):
         tg.enable_fp8(model, B * T, device)
-    accum = tg.batch_plan(args.total_batch_size, B, T, 1, model.config.block_size)
+    _, accum = tg.batch_plan(args.total_batch_size, B, T, 1, model.config.block_size)
     loader = tg.DataLoader(shards, B, T, pin_memory=lever.get("pin", device_type == "cuda"),
                            vocab_size=model.config.vocab_size)
     amp_dtype = tg.autocast_dtype(args.dtype, device_type)

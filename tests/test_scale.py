@@ -73,6 +73,14 @@ def test_the_default_batch_size_fits_the_preset_and_the_gpus(model, world, plan)
     assert plan + " accumulation steps" in dry_run("--model", model, "--world_size", str(world))
 
 
+def test_without_batch_size_a_total_that_no_b_divides_names_totals_that_one_would():
+    r = train(["--dry_run", "--world_size", "3"])
+    assert r.returncode == 1 and r.stderr == "error: --total_batch_size 524288 is not a multiple of 3 process(es) x " \
+        "T 1024 = 3072 tokens: try --total_batch_size 525312 or 522240\n"
+    assert "x B 1 x T 131072 x 2 accumulation steps" in dry_run(  # rows past 65,536 tokens: one a micro-batch
+        "--block_size", "131072", "--seq_len", "131072", "--total_batch_size", "262144")
+
+
 def test_a_run_without_batch_size_takes_the_default(tmp_path):
     args = [a for a in FAST if a not in ("--batch_size", "4")]  # 256 tokens per step, T=32: 8 rows
     r = ok(train(args + ["--max_steps", "1", "--eval_every", "0", "--log_dir", str(tmp_path / "log")]))
