@@ -150,7 +150,7 @@ def load_examples(data=None, cache_dir=None, limit=None):
         data = os.path.join(cache_dir, CACHE_NAME)
         error = None
         # one process per node downloads: the only one, or local rank 0 of a launch (setup_device checked it)
-        downloads = not dist.is_initialized() or int(os.environ.get("LOCAL_RANK", "0")) == 0  # (a group of one)
+        downloads = not dist.is_initialized() or dist.get_world_size() == 1 or int(os.environ["LOCAL_RANK"]) == 0
         if downloads and not os.path.exists(data):
             try:
                 download(data)

@@ -1698,8 +1698,10 @@ def train(args, scratch_config, rank, local_rank, world, device):
         except KeyboardInterrupt:
             if STOP["armed"] or not STOP["signal"]:  # not request_stop's (Ctrl-C in a caller without its handler)
                 raise
-            say(f"stopped at step {step} by {STOP['signal']} during its final evaluations; checkpoint "
-                f"{resumed_from if first else path}; resume with --resume auto")
+            ckpt = resumed_from if first else path  # --resume auto finds it only in --log_dir
+            again = "auto" if os.path.samefile(os.path.dirname(ckpt) or ".", args.log_dir) else ckpt
+            say(f"stopped at step {step} by {STOP['signal']} during its final evaluations; checkpoint {ckpt}; "
+                f"resume with --resume {again}")
             unlock_log_dir()  # no barrier: the other ranks may have been stopped inside a collective
             return
         STOP["armed"] = True  # a signal during the rewrite below has nothing left to stop

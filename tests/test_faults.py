@@ -308,6 +308,19 @@ def test_a_signal_during_the_final_evaluations_stops_them_with_the_training_save
         f"{log_dir}/model_00004.pt; resume with --resume auto" and "validation loss" not in out and not err
     assert checkpoint(log_dir, 4)["evals_done"] is False
     assert [(s, k) for s, k, _ in records(log_dir)] == [(0, "train"), (1, "train"), (2, "train"), (3, "train")]
+    # resumed from outside its --log_dir, where --resume auto would not find it: the line names it
+    away = tmp_path / "away" / "model_00004.pt"
+    away.parent.mkdir()
+    shutil.copy(os.path.join(log_dir, "model_00004.pt"), away)
+    (tmp_path / "branch").mkdir()
+    branch = Run([sys.executable, "train_gpt2.py", *FAST, "--checkpoint_every", "0", "--max_steps", "4", "--eval_every",
+                  "5", "--val_steps", "100000", "--log_dir", str(tmp_path / "branch" / "log"), "--resume", str(away)],
+                 str(tmp_path / "branch"))
+    branch.wait_until(lambda: "only its final evaluations are left" in branch.output()[0])
+    branch.kill(signal.SIGTERM)
+    assert branch.wait(timeout=60) == 0
+    assert branch.output()[0].splitlines()[-1] == "stopped at step 4 by SIGTERM during its final evaluations; " \
+        f"checkpoint {away}; resume with --resume {away}"
     r = ok(train(final + ["--val_steps", "2"]))
     assert "at step 4: only its final evaluations are left" in r.stdout
     assert [(s, k) for s, k, _ in records(log_dir)][-2:] == [(3, "train"), (4, "val")]

@@ -387,12 +387,13 @@ def test_fsdp_in_one_process_without_torchrun(tmp_path, fsdp_run):
     one, alone = records(str(fsdp_run / "one")), records(str(tmp_path / "log"))
     assert [r[:2] for r in one] == [r[:2] for r in alone] and all(abs(a[2] - b[2]) < 1e-5 for a, b in zip(one, alone))
     assert sorted(os.listdir(tmp_path / "log")) == ["log.txt", "model_00003.dcp", "model_00006.dcp"]
-    # HellaSwag from its cache (what a launch's local rank 0 downloads) in the group of one
+    # HellaSwag from its cache (what a launch's local rank 0 downloads) in the group of one, which reads no stray
+    # LOCAL_RANK
     (tmp_path / "cache").mkdir()
     example = {"ctx": "A man walks", "endings": ["a dog.", "a cat ran.", "then it rained.", "she left."], "label": "1"}
     pq.write_table(pa.Table.from_pylist([example] * 3), tmp_path / "cache" / "hellaswag_val.parquet")
     ok(train(FSDP + ["--batch_size", "8", "--fsdp", "--max_steps", "1", "--hellaswag_every", "1", "--log_dir",
-                     str(tmp_path / "hella")], env={"HELLASWAG_CACHE": str(tmp_path / "cache")}))
+                     str(tmp_path / "hella")], env={"HELLASWAG_CACHE": str(tmp_path / "cache"), "LOCAL_RANK": "x"}))
     assert [k for _, k, _ in records(str(tmp_path / "hella"))] == ["val", "hella", "train", "val", "hella"]
     # main() in this process: the group it made is gone however main ends, here by an error after making it
     with pytest.raises(train_gpt2.UserError, match="no data at"):
