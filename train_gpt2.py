@@ -293,7 +293,7 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
         n = x.size(0)
         w = weight.to(dtype)
         acc = torch.promote_types(dtype, torch.float32)  # what the softmax is computed in: fp32 (fp64 for fp64)
-        losses = torch.empty(n, device=x.device, dtype=acc)  # by row: their mean rounds as F.cross_entropy's
+        losses = torch.empty(n, device=x.device, dtype=acc)  # by row, averaged once at the end
         grad_x = torch.empty_like(x) if want_grads else None
         grad_w = torch.zeros_like(weight, dtype=acc) if want_grads else None
         # compiled, the one-hot goes by comparison with the column index, which inductor fuses with the exp and

@@ -276,7 +276,8 @@ def main():
         torch.set_float32_matmul_precision("high")
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
     flops_per_token = tg.flops_per_token(config, args.seq_len)  # 855 MFLOP for 124M at T=1024
-    print(f"model {args.model}: {config}, {flops_per_token / 1e6:.2f} MFLOP/token\nB={args.batch_size}, T={args.seq_len}, "
+    print(f"model {args.model}: {config}, {flops_per_token / 1e6:.2f} MFLOP/token\n"
+          f"B={args.batch_size}, T={args.seq_len}, "
           f"{args.total_batch_size:,} tokens/step, compile={args.compile}, "
           f"{'shards ' + args.data if args.data else 'random tokens'}, "
           f"{args.warmup}+{args.steps} steps", flush=True)
