@@ -220,6 +220,14 @@ def open_source(source):
         text = ds.features.get("text")  # Json: of mixed types, which datasets quotes
         dtype = text.dtype if isinstance(text, datasets.Value) else f"{type(text).__name__} values"
         check_text_column(where, list(ds.features), dtype)
+        if dtype == "null" and "files" in source:  # a first file of missing texts: datasets would cast the later
+            features = ds.features.copy()          # files' texts to its null type, and fail
+            features["text"] = datasets.Value("string")
+            try:
+                ds = datasets.load_dataset(source["format"], data_files=files, split="train", streaming=True,
+                                           features=features)
+            except Exception as e:
+                fail(f"cannot open {where}: {one_line(e)}")
     return ds.select_columns(["text"])
 
 

@@ -171,6 +171,22 @@ def test_names_taken_literally_empty_files_and_missing_texts(corpus, tmp_path, c
     assert f"note: all {len(reference_tokens(docs[:5]))} tokens went into the val shard" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_a_first_file_of_missing_texts_is_followed_by_files_with_texts(corpus, tmp_path, kind):
+    """datasets types the columns from the first file: texts all null made them null, and the next file's strings
+    failed to cast to it ("Couldn't cast array of type string to null")."""
+    docs = corpus["docs"][:30]
+    if kind == "jsonl":
+        (tmp_path / "a.jsonl").write_text('{"text": null}\n{"text": null}\n')
+        (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs), encoding="utf-8")
+    else:
+        pq.write_table(pa.table({"text": pa.array([None, None], pa.null()), "id": [0, 1]}), tmp_path / "a.parquet")
+        pq.write_table(pa.table({"text": docs, "id": list(range(2, 32))}), tmp_path / "b.parquet")
+    assert fineweb.main(["--local_files", str(tmp_path / f"a.{kind}"), str(tmp_path / f"b.{kind}"),
+                         "--out_dir", str(tmp_path / "out"), "--shard_size", "500", "--workers", "1"]) == 0
+    np.testing.assert_array_equal(all_tokens(tmp_path / "out"), reference_tokens([None, None] + docs))
+
+
 def test_a_file_that_starts_with_a_lot_of_blank_lines_is_read(corpus, tmp_path, capsys):
     """The empty-file check looked at the first 64 KiB only: such a file was skipped as empty, its documents lost."""
     docs = corpus["docs"][:20]
