@@ -315,7 +315,14 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
                 else:
                     g = p.scatter_add_(1, tc, torch.full_like(lse, -1.0)).to(dtype)
                 grad_x[i:i + rows] = g @ w
-                grad_w += g.t() @ xc
+                if dtype == torch.float16:  # each entry of g.T @ xc sums a chunk of rows, which can pass fp16's
+                    # 65504 where the mean does not, whatever the loss scale: g goes down by a power of 2 (exact)
+                    # when a column's sum of |g| times the largest |x| says it might
+                    bound = g.abs().sum(0, dtype=torch.float32).max() * xc.abs().max().float()
+                    s = torch.exp2(torch.log2(bound / 2**15).ceil().clamp(min=0))  # 1 unless needed
+                    grad_w += (g.div_(s.to(dtype)).t() @ xc).to(acc) * s
+                else:
+                    grad_w += g.t() @ xc
         if want_grads:
             ctx.save_for_backward(grad_x, grad_w)
             ctx.n, ctx.weight_dtype = n, weight.dtype

@@ -68,6 +68,28 @@ def test_under_autocast_it_matches_the_plain_loss_to_the_dtypes_rounding(dtype):
         assert (a - b).abs().max().item() <= 2e-2 * scale
 
 
+def test_in_fp16_the_weight_gradient_of_a_chunk_does_not_overflow():
+    """The weight gradient sums a chunk's rows in an fp16 product before the mean: one target in every row and
+    a feature of 10 in every row made -81920 there, inf, though the mean gradient is about 10. No loss scale
+    helps (the GradScaler would skip every step); the product is scaled down by a power of 2 instead."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8192, 16, generator=g)
+    x[:, 3] = 10.0
+    w = 0.02 * torch.randn(50, 16, generator=g)
+    targets = torch.zeros(8192, dtype=torch.long)
+    grads = {}
+    for name, amp, fn in [("fp16", torch.autocast("cpu", dtype=torch.float16), chunked_cross_entropy),
+                          ("exact", contextlib.nullcontext(), lambda a, b, t, rows: plain(a, b, t))]:
+        a, b = x.clone().requires_grad_(), w.clone().requires_grad_()
+        with amp:
+            fn(a, b, targets, 8192).backward()
+        grads[name] = a.grad, b.grad
+    for got, exact in zip(grads["fp16"], grads["exact"]):
+        assert torch.isfinite(got).all()
+        assert (got - exact).abs().max().item() <= 1e-3 * exact.abs().max().item()
+    assert grads["exact"][1].abs().max().item() > 5  # the mean gradient itself is large, far from fp16's limit
+
+
 def test_without_grad_it_only_computes_the_loss():
     x, w, targets = inputs()
     with torch.no_grad():
@@ -131,7 +153,7 @@ def test_eager_it_scatters_the_one_hot_in_place():
     assert "scatter_add_" in seen.ops and not {"where", "eq"} & seen.ops, seen.ops
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_compiled_it_takes_the_one_hot_by_comparison_and_equals_eager(dtype):
     # compiled, the one-hot is subtracted by comparing column indices with the targets, which inductor fuses
     # with the exp and the cast; a scatter_add_ would make it write the chunk's fp32 softmax first
