@@ -320,7 +320,7 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
                     # when a column's sum of |g| times the largest |x| says it might
                     bound = g.abs().sum(0, dtype=torch.float32).max() * xc.abs().max().float()
                     s = torch.exp2(torch.log2(bound / 2**15).ceil().clamp(min=0))  # 1 unless needed
-                    grad_w += (g.div_(s.to(dtype)).t() @ xc).to(acc) * s
+                    grad_w += (g.div_(s).t() @ xc).to(acc) * s
                 else:
                     grad_w += g.t() @ xc
         if want_grads:
