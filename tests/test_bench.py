@@ -269,8 +269,10 @@ def test_ctrl_c_stops_a_bench_in_one_line(tmp_path):
     for script, args, started in [
             ("bench/train_speed.py", [*TOY, "--steps", "100000"], "random tokens"),
             ("bench/fineweb_speed.py", ["--tokens", "3e6", "--workers", "1", "--repeats", "8"], "machine:")]:  # 16 runs
+        # as from a terminal: a test run started in the background (cmd &) ignores SIGINT, and its children with it
         proc = subprocess.Popen([sys.executable, script, *args], cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                                stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         for line in proc.stdout:  # the work has begun
             if started in line:
                 break
