@@ -273,11 +273,16 @@ def test_ctrl_c_stops_a_bench_in_one_line(tmp_path):
         proc = subprocess.Popen([sys.executable, script, *args], cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        for line in proc.stdout:  # the work has begun
-            if started in line:
-                break
-        time.sleep(2)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
+        try:
+            for line in proc.stdout:  # the work has begun
+                if started in line:
+                    break
+            time.sleep(2)
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=120)
+        finally:  # a bench that took no notice must not run on after the test
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted", (script, err[-3000:])
         assert "Traceback" not in err, (script, err[-3000:])
