@@ -728,11 +728,12 @@ class UnreadableCheckpoint(UserError):
     """A checkpoint that may be fine but cannot be read (permissions, I/O): --resume auto stops at it."""
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, part=(0, 1)):
     """A checkpoint of ours as a dict of plain values; UserError if missing, truncated or foreign.
 
     An FSDP checkpoint is a folder: its plain values in meta.pt, the sharded model and optimizer beside
-    them for load_sharded_state."""
+    them for load_sharded_state. part (rank, world): the CRCs of that rank's share of its items alone
+    (check_shards_together); a verdict of the ranks stands for them all."""
     sharded = os.path.isdir(path)
     meta = os.path.join(path, "meta.pt") if sharded else path
     named = CHECKPOINT_NAME.search(os.path.basename(os.path.normpath(path)))
@@ -771,36 +772,13 @@ def load_checkpoint(path):
     if named and int(named[1]) != ckpt["step"]:  # renamed: --resume and --keep_checkpoints go by the name's step
         raise UserError(f"checkpoint {path} holds step {ckpt['step']}, not the step its name gives: name it "
                         f"model_{ckpt['step']:05d}.{named[2]}")
-    if sharded:  # every shard file must hold the bytes .metadata points into, so --resume auto passes over a cut one
-        if not os.path.isfile(os.path.join(path, ".metadata")):
-            raise UserError(f"checkpoint {path} is incomplete (no .metadata)")
-        from torch.distributed.checkpoint import FileSystemReader
-        try:
-            items = sorted(FileSystemReader(path).read_metadata().storage_data.values(),
-                           key=lambda info: (info.relative_path, info.offset))
-        except Exception as e:
-            raise UserError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__} in .metadata)")
-        files = {info.relative_path: os.path.join(path, info.relative_path) for info in items}
-        short = [info.relative_path for info in items if not os.path.isfile(files[info.relative_path])
-                 or os.path.getsize(files[info.relative_path]) < info.offset + info.length]
-        if short:
-            raise UserError(f"checkpoint {path} is incomplete ({short[0]} is missing or cut short)")
-        # each item is a torch.save archive of its own, read back by torch.load, which checks no CRC: check them
-        # here (every rank reads every shard once; on one node the page cache serves the ranks after the first)
-        for info in items:
-            try:
-                with open(files[info.relative_path], "rb") as f:
-                    f.seek(info.offset)
-                    item = io.BytesIO(f.read(info.length))
-            except OSError as e:
-                raise UnreadableCheckpoint(f"cannot read checkpoint {path}: {e.strerror or e}")
-            if not zipfile.is_zipfile(item):
-                raise UserError(f"checkpoint {path} is corrupt: {info.relative_path} holds no archive at byte "
-                                f"{info.offset}, where .metadata puts one")
-            damaged = failed_crc(item, path)
-            if damaged:
-                raise UserError(f"checkpoint {path} is corrupt: in {info.relative_path} at byte {info.offset}, the "
-                                f"record {damaged} does not match its CRC-32")
+    if sharded:
+        items = shard_items(path)
+        agreed = SHARD_VERDICTS.get(os.path.realpath(path), "unchecked")  # the ranks' verdict, if they checked it
+        if agreed == "unchecked":
+            check_shard_crcs(path, items[part[0]::part[1]])
+        elif agreed:
+            raise DamagedShard(agreed)
     ckpt["sharded"] = sharded
     if not sharded:  # compiled and DDP-wrapped models prefix their parameter names
         ckpt["model"] = {re.sub(r"^((_orig_mod|module)\.)+", "", k): v for k, v in ckpt["model"].items()}
@@ -808,6 +786,84 @@ def load_checkpoint(path):
         if bad is not None:
             raise UserError(f"checkpoint {path}: its weight {bad} holds inf or NaN")
     return ckpt
+
+
+class DamagedShard(UserError):
+    """An FSDP checkpoint's item whose bytes fail their CRC-32 (or hold no archive)."""
+
+
+def shard_items(path):
+    """The items (file, offset, length) that the .metadata of an FSDP checkpoint points to, in file order. Every
+    shard file must hold those bytes, so --resume auto passes over a checkpoint cut short."""
+    if not os.path.isfile(os.path.join(path, ".metadata")):
+        raise UserError(f"checkpoint {path} is incomplete (no .metadata)")
+    from torch.distributed.checkpoint import FileSystemReader
+    try:
+        items = sorted(FileSystemReader(path).read_metadata().storage_data.values(),
+                       key=lambda info: (info.relative_path, info.offset))
+    except Exception as e:
+        raise UserError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__} in .metadata)")
+    for info in items:
+        file = os.path.join(path, info.relative_path)
+        if not os.path.isfile(file) or os.path.getsize(file) < info.offset + info.length:
+            raise UserError(f"checkpoint {path} is incomplete ({info.relative_path} is missing or cut short)")
+    return items
+
+
+def check_shard_crcs(path, items):
+    """Each item is a torch.save archive of its own, read back by torch.load, which checks no CRC: check them."""
+    for info in items:
+        try:
+            with open(os.path.join(path, info.relative_path), "rb") as f:
+                f.seek(info.offset)
+                item = io.BytesIO(f.read(info.length))
+        except OSError as e:
+            raise UnreadableCheckpoint(f"cannot read checkpoint {path}: {e.strerror or e}")
+        if not zipfile.is_zipfile(item):
+            raise DamagedShard(f"checkpoint {path} is corrupt: {info.relative_path} holds no archive at byte "
+                               f"{info.offset}, where .metadata puts one")
+        damaged = failed_crc(item, path)
+        if damaged:
+            raise DamagedShard(f"checkpoint {path} is corrupt: in {info.relative_path} at byte {info.offset}, the "
+                               f"record {damaged} does not match its CRC-32")
+
+
+# {real path: None (its shards are sound) or the error}: FSDP checkpoints the ranks of a launch checked together
+SHARD_VERDICTS = {}
+
+
+def check_shards_together(args):
+    """FSDP on several ranks: the CRC check of the checkpoint --resume will take, split over the ranks: each reads
+    1/world of its shards instead of all of them (6.7B's checkpoints are 107 GB), and load_checkpoint takes their
+    verdict. --resume auto goes from the newest folder back, past damaged ones and ones broken on every rank, to
+    the first that is sound. Where the ranks disagree otherwise, or one cannot read a folder, the check is left to
+    load_checkpoint, whole on each rank. Every rank takes part whatever it finds: the collectives stay in step."""
+    SHARD_VERDICTS.clear()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if args.resume == "auto":
+        paths = [path for _, path in reversed(list_checkpoints(args.log_dir)) if os.path.isdir(path)]
+    else:
+        paths = [args.resume] if args.resume != "none" and os.path.isdir(args.resume) else []
+    shared = [paths]
+    dist.broadcast_object_list(shared, src=0)  # rank 0's folders, so the ranks check the same ones in step
+    for path in shared[0]:
+        try:
+            load_checkpoint(path, part=(rank, world))
+            verdict = ("sound", None)
+        except UnreadableCheckpoint as e:  # --resume auto stops at it, and says so
+            verdict = ("unsure", str(e))
+        except DamagedShard as e:
+            verdict = ("damaged", str(e))
+        except UserError as e:  # incomplete, not ours, absent: if on every rank, --resume auto passes over it
+            verdict = ("broken", str(e))
+        verdicts = [None] * world
+        dist.all_gather_object(verdicts, verdict)
+        kinds = {kind for kind, _ in verdicts}
+        damaged = next((message for kind, message in verdicts if kind == "damaged"), None)
+        if damaged or kinds == {"sound"}:
+            SHARD_VERDICTS[os.path.realpath(path)] = damaged
+        if not damaged and kinds != {"broken"}:
+            return
 
 
 def failed_crc(file, path):
@@ -1071,6 +1127,8 @@ def resume_or_start(args, model, optimizer, scaler, train_loader, T, device_type
     of the run whose evaluations of start_step the log holds, None if it holds none). The log keeps the records
     before the start."""
     log_path = os.path.join(args.log_dir, "log.txt")
+    if args.fsdp and dist.is_initialized() and dist.get_world_size() > 1:
+        check_shards_together(args)
     error, plan = None, None
     try:
         if master:
