@@ -1043,6 +1043,29 @@ def find_resume_checkpoint(log_dir, warn, overwrite=False):
     return None, None
 
 
+def resumed_config(args):
+    """The GPTConfig of the checkpoint that --resume will most likely continue, if its run started from this
+    --init_from; else None. A peek: memory-mapped, so no tensor is read; resume_or_start loads and checks it."""
+    if args.resume == "none":
+        return None
+    paths = [args.resume] if args.resume != "auto" else [path for _, path in reversed(list_checkpoints(args.log_dir))]
+    for path in paths:
+        meta = os.path.join(path, "meta.pt") if os.path.isdir(path) else path
+        try:
+            if not os.path.isfile(meta):  # a FIFO would block the load
+                continue
+            ckpt = torch.load(meta, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # damaged: --resume auto passes over it, and --resume PATH says what is wrong with it
+            continue
+        try:
+            config = GPTConfig(**ckpt["config"])
+            same = ckpt["args"]["init_from"] == args.init_from
+        except Exception:  # not ours: resume_or_start says so
+            return None
+        return config if same and all(is_count(v) and v > 0 for v in asdict(config).values()) else None
+    return None
+
+
 def prune_checkpoints(log_dir, step, keep):
     """--keep_checkpoints: keep the one at `step` and the keep - 1 newest before it (later ones are left)."""
     older = [path for s, path in list_checkpoints(log_dir) if s < step]
@@ -1627,10 +1650,12 @@ def train(args, scratch_config, rank, local_rank, world, device):
         torch.cuda.manual_seed(args.seed)
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls that remain
 
-    # the model
-    if args.init_from == "scratch":
-        check_ram(scratch_config)
-    model = GPT(scratch_config) if args.init_from == "scratch" else GPT.from_pretrained(args.init_from)
+    # the model; a resumed --init_from run takes its architecture from the checkpoint, whose weights replace the HF
+    # ones anyway: the HF model need not be there any more (another machine, the hub out of reach)
+    built = scratch_config if args.init_from == "scratch" else resumed_config(args)
+    if built:
+        check_ram(built)
+    model = GPT(built) if built else GPT.from_pretrained(args.init_from)
     config = model.config
     model.to(device)
     say(f"model: {config}, {model.num_params():,} parameters")

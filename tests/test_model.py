@@ -1,7 +1,8 @@
 """The model is GPT-2: logits equal transformers' GPT-2 on the same weights; init, optimizer and LR as the lecture."""
 import math
-import re
 import os
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -71,6 +72,25 @@ def test_training_from_pretrained_starts_at_transformers_loss(hf_dir, tmp_path):
     r = train(scratch + ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "64", "--log_dir",
                          str(tmp_path / "log"), "--resume", "auto"])
     assert r.returncode == 1 and r.stderr.endswith(f": pass --init_from {hf_dir}, or another --log_dir\n"), r.stderr
+
+
+def test_a_resumed_init_from_run_needs_no_hf_model(hf_dir, tmp_path):
+    """The checkpoint holds the architecture and the weights: an --init_from run resumes with its HF folder gone
+    (another machine, the hub out of reach), to the same records as without the stop. A fresh run still needs it."""
+    hf = str(tmp_path / "hf")
+    shutil.copytree(hf_dir, hf)
+    run = ["--data", "input.txt", "--init_from", hf, "--batch_size", "2", "--total_batch_size", "128", "--max_steps",
+           "4", "--checkpoint_every", "2", "--eval_every", "2", "--val_steps", "1", "--hellaswag_every", "0",
+           "--sample_every", "0"]
+    ok(train(run + ["--log_dir", str(tmp_path / "full")]))
+    shutil.copytree(tmp_path / "full", tmp_path / "cut")
+    os.remove(tmp_path / "cut" / "model_00004.pt")
+    shutil.rmtree(hf)
+    r = ok(train(run + ["--log_dir", str(tmp_path / "cut"), "--resume", "auto"]))
+    assert f"resuming from {tmp_path}/cut/model_00002.pt at step 2" in r.stdout
+    assert open(tmp_path / "cut" / "log.txt").read() == open(tmp_path / "full" / "log.txt").read()
+    r = train(run + ["--log_dir", str(tmp_path / "new")])
+    assert r.returncode == 1 and r.stderr.startswith(f"error: unknown model '{hf}'"), r.stderr
 
 
 def test_from_pretrained_refuses_other_layouts(tmp_path):
