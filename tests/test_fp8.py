@@ -90,9 +90,14 @@ def test_the_model_trains_in_fp8_close_to_the_plain_numbers(scaled_mm_calls, dty
 
 
 def test_compiled_fp8_equals_eager():
+    """Compiled, the same FP8 computation: the compiled kernels sum in another order, and a value that lands on an
+    FP8 rounding boundary may round the other way, so the gradients agree to a small fraction of what FP8 itself
+    changes in them (measured: 0.4%; a compile that skipped FP8 would differ by all of it)."""
     loss, grads, _ = model_run(True)
     loss_c, grads_c, _ = model_run(True, compile=True)
-    assert abs(loss - loss_c) < 1e-5 and (grads - grads_c).abs().max().item() < 1e-5 * grads.abs().max().item()
+    _, grads_plain, _ = model_run(False)
+    assert abs(loss - loss_c) < 1e-5
+    assert (grads - grads_c).norm() < 0.05 * (grads - grads_plain).norm()
 
 
 def test_enable_fp8_refuses_shapes_the_kernels_cannot_tile():
