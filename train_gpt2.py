@@ -764,7 +764,7 @@ def load_checkpoint(path, part=(0, 1)):
         raise UserError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__})")
     damaged = failed_crc(meta, path)
     if damaged:
-        raise UserError(f"checkpoint {path} is corrupt: its record {damaged} does not match its CRC-32")
+        raise UserError(f"checkpoint {path} is corrupt: {damaged}")
     needs = {"config", "step"} if sharded else {"model", "config", "step"}
     if not isinstance(ckpt, dict) or not needs <= set(ckpt) or not isinstance(ckpt.get("model", {}), dict) \
             or not all(isinstance(k, str) for k in ckpt.get("model", {})) or not is_count(ckpt["step"]):
@@ -805,7 +805,11 @@ def shard_items(path):
         raise UserError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__} in .metadata)")
     for info in items:
         file = os.path.join(path, info.relative_path)
-        if not os.path.isfile(file) or os.path.getsize(file) < info.offset + info.length:
+        try:
+            size = os.path.getsize(file) if os.path.isfile(file) else -1
+        except OSError:  # removed since
+            size = -1
+        if size < info.offset + info.length:
             raise UserError(f"checkpoint {path} is incomplete ({info.relative_path} is missing or cut short)")
     return items
 
@@ -819,13 +823,17 @@ def check_shard_crcs(path, items):
                 item = io.BytesIO(f.read(info.length))
         except OSError as e:
             raise UnreadableCheckpoint(f"cannot read checkpoint {path}: {e.strerror or e}")
-        if not zipfile.is_zipfile(item):
+        try:
+            archive = zipfile.is_zipfile(item)
+        except Exception:  # zipfile.BadZipFile, on some damaged end records
+            archive = False
+        if not archive:
             raise DamagedShard(f"checkpoint {path} is corrupt: {info.relative_path} holds no archive at byte "
                                f"{info.offset}, where .metadata puts one")
         damaged = failed_crc(item, path)
         if damaged:
-            raise DamagedShard(f"checkpoint {path} is corrupt: in {info.relative_path} at byte {info.offset}, the "
-                               f"record {damaged} does not match its CRC-32")
+            raise DamagedShard(f"checkpoint {path} is corrupt: in {info.relative_path} at byte {info.offset}, "
+                               f"{damaged}")
 
 
 # {real path: None (its shards are sound) or the error}: FSDP checkpoints the ranks of a launch checked together
@@ -856,6 +864,8 @@ def check_shards_together(args):
             verdict = ("damaged", str(e))
         except UserError as e:  # incomplete, not ours, absent: if on every rank, --resume auto passes over it
             verdict = ("broken", str(e))
+        except Exception as e:  # anything else (an OSError in a race): load_checkpoint meets it again, and says it
+            verdict = ("unsure", str(e))
         verdicts = [None] * world
         dist.all_gather_object(verdicts, verdict)
         kinds = {kind for kind, _ in verdicts}
@@ -866,25 +876,31 @@ def check_shards_together(args):
             return
 
 
-def failed_crc(file, path):
-    """The first record of a torch.save file whose bytes no longer match the CRC-32 written with it, or None.
-    torch.load does not check them: a flipped byte among the weights would load as a wrong number. A CRC of 0
-    is taken for none (torch.serialization.set_crc32_options(False) writes 0)."""
+def failed_crc(file, path, only=""):
+    """What is wrong in a torch.save file: the first record whose bytes no longer match the CRC-32 written with it,
+    or zip headers damaged past reading; None if nothing. torch.load checks neither: a flipped byte among the
+    weights would load as a wrong number. A CRC of 0 is taken for none (torch.serialization.set_crc32_options(False)
+    writes 0). only: the records whose names end so, alone."""
     try:
         with zipfile.ZipFile(file) as archive:
             for record in archive.infolist():
-                if record.CRC == 0:
+                if record.CRC == 0 or not record.filename.endswith(only):
                     continue
                 try:
                     with archive.open(record) as f:  # zipfile compares the CRC at the end of the record
                         while f.read(1 << 24):
                             pass
                 except zipfile.BadZipFile:
-                    return record.filename
+                    return f"its record {record.filename} does not match its CRC-32"
     except OSError as e:
         raise UnreadableCheckpoint(f"cannot read checkpoint {path}: {e.strerror or e}")
     except zipfile.BadZipFile:  # torch.load read it (or DCP will), so its own format: leave it to that
         return None
+    except MemoryError:
+        raise
+    except Exception as e:  # zipfile's other errors on damaged headers: a name no longer UTF-8, a flag, a size
+        return f"its zip headers are damaged ({type(e).__name__})"
+    return None
 
 
 def save_sharded_checkpoint(path, model, optimizer, meta):
@@ -1044,25 +1060,28 @@ def find_resume_checkpoint(log_dir, warn, overwrite=False):
 
 
 def resumed_config(args):
-    """The GPTConfig of the checkpoint that --resume will most likely continue, if its run started from this
-    --init_from; else None. A peek: memory-mapped, so no tensor is read; resume_or_start loads and checks it."""
-    if args.resume == "none":
+    """The GPTConfig of the checkpoint that --resume will continue, if its run started from this --init_from; else
+    None. A peek, memory-mapped so no tensor is read; it passes over what load_checkpoint would refuse in what it
+    reads (the CRC of the plain values, the step in the name, a config that builds), and gives nothing where a
+    fresh start may follow (--resume auto --overwrite), which needs the HF weights."""
+    if args.resume == "none" or (args.resume == "auto" and args.overwrite):
         return None
     paths = [args.resume] if args.resume != "auto" else [path for _, path in reversed(list_checkpoints(args.log_dir))]
     for path in paths:
         meta = os.path.join(path, "meta.pt") if os.path.isdir(path) else path
+        named = CHECKPOINT_NAME.search(os.path.basename(os.path.normpath(path)))
         try:
-            if not os.path.isfile(meta):  # a FIFO would block the load
+            if not os.path.isfile(meta) or failed_crc(meta, path, only="data.pkl"):  # a FIFO would block the load
                 continue
             ckpt = torch.load(meta, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # damaged: --resume auto passes over it, and --resume PATH says what is wrong with it
+            config, init_from = GPTConfig(**ckpt["config"]), ckpt["args"]["init_from"]
+            sizes = asdict(config).values()
+            if (named and int(named[1]) != ckpt["step"]) or not all(is_count(v) and v > 0 for v in sizes) \
+                    or config.n_embd % config.n_head:
+                continue
+        except Exception:  # damaged or foreign: --resume auto passes over it, and --resume PATH says what is wrong
             continue
-        try:
-            config = GPTConfig(**ckpt["config"])
-            same = ckpt["args"]["init_from"] == args.init_from
-        except Exception:  # not ours: resume_or_start says so
-            return None
-        return config if same and all(is_count(v) and v > 0 for v in asdict(config).values()) else None
+        return config if init_from == args.init_from else None
     return None
 
 
@@ -1150,12 +1169,18 @@ def resume_or_start(args, model, optimizer, scaler, train_loader, T, device_type
     of the run whose evaluations of start_step the log holds, None if it holds none). The log keeps the records
     before the start."""
     log_path = os.path.join(args.log_dir, "log.txt")
-    if args.fsdp and dist.is_initialized() and dist.get_world_size() > 1:
-        check_shards_together(args)
     error, plan = None, None
     try:
-        if master:
+        if master:  # first: a second run in the folder is refused before it reads any checkpoint
             lock_log_dir(args.log_dir)
+    except UserError as e:
+        error = str(e)
+    except OSError as e:
+        error = f"cannot write to --log_dir {args.log_dir}: {e.strerror or e}"
+    gather_outcomes(error)
+    if args.fsdp and dist.is_initialized() and dist.get_world_size() > 1:
+        check_shards_together(args)
+    try:
         plan = plan_start(args, model, optimizer, scaler, train_loader, T, device_type, say)
         if master:
             open(log_path, "a").close()  # an unwritable --log_dir fails now, not after compiling and evaluating

@@ -76,19 +76,47 @@ def test_training_from_pretrained_starts_at_transformers_loss(hf_dir, tmp_path):
 
 def test_a_resumed_init_from_run_needs_no_hf_model(hf_dir, tmp_path):
     """The checkpoint holds the architecture and the weights: an --init_from run resumes with its HF folder gone
-    (another machine, the hub out of reach), to the same records as without the stop. A fresh run still needs it."""
+    (another machine, the hub out of reach), to the same records as without the stop. The architecture comes from
+    the checkpoint --resume auto takes: not from a newer one whose CRC fails (here its n_layer, edited). Where a
+    fresh start may follow (--overwrite), the HF weights are loaded: with every checkpoint damaged, the run starts
+    from them, not from random weights. A fresh run still needs them."""
     hf = str(tmp_path / "hf")
     shutil.copytree(hf_dir, hf)
     run = ["--data", "input.txt", "--init_from", hf, "--batch_size", "2", "--total_batch_size", "128", "--max_steps",
            "4", "--checkpoint_every", "2", "--eval_every", "2", "--val_steps", "1", "--hellaswag_every", "0",
            "--sample_every", "0"]
     ok(train(run + ["--log_dir", str(tmp_path / "full")]))
-    shutil.copytree(tmp_path / "full", tmp_path / "cut")
-    os.remove(tmp_path / "cut" / "model_00004.pt")
+    full_log = open(tmp_path / "full" / "log.txt").read()
+
+    def damaged_copy(name, edit):
+        """A copy of the run whose checkpoint at each step of edit has its bytes edited: edit[step](bytes)."""
+        shutil.copytree(tmp_path / "full", tmp_path / name)
+        for step, change in edit.items():
+            path = tmp_path / name / f"model_0000{step}.pt"
+            path.write_bytes(change(path.read_bytes()))
+        return str(tmp_path / name)
+
+    def flip_middle(data):  # among the weights and AdamW moments
+        middle = len(data) // 2
+        return data[:middle] + bytes(b ^ 0xFF for b in data[middle:middle + 8]) + data[middle + 8:]
+
+    # every checkpoint damaged: --overwrite starts over, from the HF weights
+    over = damaged_copy("over", {2: flip_middle, 4: flip_middle})
+    r = ok(train(run + ["--log_dir", over, "--resume", "auto", "--overwrite"]))
+    assert r.stdout.count(": skipping it") == 2
+    assert open(os.path.join(over, "log.txt")).read() == full_log
+    def three_layers(data):  # in the config: 'n_layer', its memo entry (BINPUT or LONG_BINPUT), then BININT1 2 -> 3
+        data, edits = re.subn(rb"(n_layer(?:q.|r....))K\x02", lambda m: m[1] + b"K\x03", data, count=1, flags=re.DOTALL)
+        assert edits == 1
+        return data
+
+    # the newest checkpoint says n_layer 3, which its CRC refuses
+    cut = damaged_copy("cut", {4: three_layers})
     shutil.rmtree(hf)
-    r = ok(train(run + ["--log_dir", str(tmp_path / "cut"), "--resume", "auto"]))
-    assert f"resuming from {tmp_path}/cut/model_00002.pt at step 2" in r.stdout
-    assert open(tmp_path / "cut" / "log.txt").read() == open(tmp_path / "full" / "log.txt").read()
+    r = ok(train(run + ["--log_dir", cut, "--resume", "auto"]))
+    assert "model_00004.pt is corrupt: its record " in r.stdout
+    assert f"resuming from {cut}/model_00002.pt at step 2" in r.stdout
+    assert open(os.path.join(cut, "log.txt")).read() == full_log
     r = train(run + ["--log_dir", str(tmp_path / "new")])
     assert r.returncode == 1 and r.stderr.startswith(f"error: unknown model '{hf}'"), r.stderr
 

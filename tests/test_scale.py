@@ -320,10 +320,22 @@ def test_fsdp_damaged_shard_is_refused_and_passed_over(fsdp_run, tmp_path, damag
     assert path.endswith("model_00003.dcp") and len(said) == 1 and said[0].endswith(": skipping it"), said
 
 
+# each rank logs the shard files (.distcp) it opens to read: the CRC check opens one for each item it checks
+COUNT_READS = """
+import os, sys
+def count(event, args):
+    if event == "open" and str(args[0]).endswith(".distcp") and "r" in str(args[1] or "r"):
+        with open(os.environ["READS_LOG"] + "." + os.environ.get("RANK", "-"), "a") as f:
+            f.write(str(args[0]) + "\\n")
+sys.addaudithook(count)
+"""
+
+
 def test_two_ranks_split_the_crc_check_and_agree_on_it(fsdp_run, tmp_path):
     """Under a launch each rank checks the CRCs of its share of an FSDP checkpoint's items, not all of them. Damage
     in rank 1's share alone makes every rank refuse the checkpoint given by --resume PATH, and pass over it with
-    --resume auto (the warning comes from rank 0, which never read the damaged item)."""
+    --resume auto (the warning comes from rank 0, which never read the damaged item). Each rank reads about half
+    of the sound checkpoint it resumes from (its share, then DCP's load of its own), not all of it."""
     log_dir = tmp_path / "log"
     log_dir.mkdir()
     shutil.copy(fsdp_run / "two" / "log.txt", log_dir / "log.txt")
@@ -336,7 +348,7 @@ def test_two_ranks_split_the_crc_check_and_agree_on_it(fsdp_run, tmp_path):
     at = item.offset + item.length // 2
     data[at:at + 8] = bytes(b ^ 0xFF for b in data[at:at + 8])
     shard.write_bytes(bytes(data))
-    damaged = f"checkpoint {ckpt} is corrupt: in {item.relative_path} at byte {item.offset}, the record "
+    damaged = f"checkpoint {ckpt} is corrupt: in {item.relative_path} at byte {item.offset}, its record "
     train_gpt2.load_checkpoint(str(ckpt), part=(0, 2))  # rank 0's share is sound
     with pytest.raises(train_gpt2.DamagedShard, match=damaged):
         train_gpt2.load_checkpoint(str(ckpt), part=(1, 2))
@@ -345,9 +357,17 @@ def test_two_ranks_split_the_crc_check_and_agree_on_it(fsdp_run, tmp_path):
                     "train_gpt2.py", *args, "--resume", str(ckpt)])
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert r.returncode != 0 and len(errors) == 2 and all(e.startswith("error: " + damaged) for e in errors), r.stderr
-    r = torchrun(2, args + ["--resume", "auto"])
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(COUNT_READS)
+    r = ok(run_script([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                       "train_gpt2.py", *args, "--resume", "auto"],
+                      env={"PYTHONPATH": str(tmp_path / "inject"), "READS_LOG": str(tmp_path / "reads")}))
     assert f"warning: {damaged}" in r.stdout and f"resuming from {log_dir}/model_00003.dcp at step 3" in r.stdout
     assert open(log_dir / "log.txt").read() == open(fsdp_run / "two" / "log.txt").read()
+    items = len(train_gpt2.shard_items(str(fsdp_run / "two" / "model_00003.dcp")))
+    for rank in (0, 1):
+        reads = open(tmp_path / f"reads.{rank}").read().split()
+        assert 0 < sum("model_00003.dcp" in path for path in reads) < 0.75 * items, (rank, items, len(reads))
 
 
 @pytest.mark.parametrize("world", [2, 1])
