@@ -858,14 +858,14 @@ def check_shards_together(args):
         try:
             load_checkpoint(path, part=(rank, world))
             verdict = ("sound", None)
-        except UnreadableCheckpoint as e:  # --resume auto stops at it, and says so
-            verdict = ("unsure", str(e))
+        except UnreadableCheckpoint:  # --resume auto stops at it, and says so
+            verdict = ("unsure", None)
         except DamagedShard as e:
             verdict = ("damaged", str(e))
-        except UserError as e:  # incomplete, not ours, absent: if on every rank, --resume auto passes over it
-            verdict = ("broken", str(e))
-        except Exception as e:  # anything else (an OSError in a race): load_checkpoint meets it again, and says it
-            verdict = ("unsure", str(e))
+        except UserError:  # incomplete, not ours, absent: if on every rank, --resume auto passes over it
+            verdict = ("broken", None)
+        except Exception:  # anything else (an OSError in a race): load_checkpoint meets it again, and says it
+            verdict = ("unsure", None)
         verdicts = [None] * world
         dist.all_gather_object(verdicts, verdict)
         kinds = {kind for kind, _ in verdicts}
@@ -1169,14 +1169,16 @@ def resume_or_start(args, model, optimizer, scaler, train_loader, T, device_type
     of the run whose evaluations of start_step the log holds, None if it holds none). The log keeps the records
     before the start."""
     log_path = os.path.join(args.log_dir, "log.txt")
+
+    def failure(e):  # a UserError says what is wrong; an OSError here is one of the --log_dir
+        return str(e) if isinstance(e, UserError) else f"cannot write to --log_dir {args.log_dir}: {e.strerror or e}"
+
     error, plan = None, None
     try:
         if master:  # first: a second run in the folder is refused before it reads any checkpoint
             lock_log_dir(args.log_dir)
-    except UserError as e:
-        error = str(e)
-    except OSError as e:
-        error = f"cannot write to --log_dir {args.log_dir}: {e.strerror or e}"
+    except (UserError, OSError) as e:
+        error = failure(e)
     gather_outcomes(error)
     if args.fsdp and dist.is_initialized() and dist.get_world_size() > 1:
         check_shards_together(args)
@@ -1184,10 +1186,8 @@ def resume_or_start(args, model, optimizer, scaler, train_loader, T, device_type
         plan = plan_start(args, model, optimizer, scaler, train_loader, T, device_type, say)
         if master:
             open(log_path, "a").close()  # an unwritable --log_dir fails now, not after compiling and evaluating
-    except UserError as e:
-        error = str(e)
-    except OSError as e:
-        error = f"cannot write to --log_dir {args.log_dir}: {e.strerror or e}"
+    except (UserError, OSError) as e:
+        error = failure(e)
     origins = gather_outcomes(error, plan and plan["origin"])
     other = next((r for r, origin in enumerate(origins) if origin != origins[0]), None)
     if other is not None:
